@@ -1,0 +1,101 @@
+"""Rows from JSON, JSON Lines and Parquet files, each with the place it came from.
+
+Every reader yields ``(row, where)`` pairs where ``where`` is ``"file:line"`` (JSON Lines),
+``"file[index]"`` (a JSON array or Parquet), so errors further down can point at the exact row.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from infuse.errors import InfuseError
+
+RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+Row = tuple[dict, str]
+
+
+def is_record_file(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in RECORD_SUFFIXES
+
+
+def read_records(path: str | Path) -> Iterator[Row]:
+    """Yield every row of a ``.jsonl``, ``.json`` or ``.parquet`` file with its location."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        yield from _read_jsonl(path)
+    elif suffix == ".json":
+        yield from _read_json(path)
+    elif suffix == ".parquet":
+        yield from _read_parquet(path)
+    else:
+        raise InfuseError(f"{path}: not a record file; expected one of {', '.join(RECORD_SUFFIXES)}.")
+
+
+def _read_jsonl(path: Path) -> Iterator[Row]:
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InfuseError(
+                    f"{where}: this line is not valid JSON ({e.msg} at column {e.colno}). "
+                    "Each line of a .jsonl file must be one JSON object; fix or remove the line."
+                ) from None
+            yield _as_object(row, where), where
+
+
+def _read_json(path: Path) -> Iterator[Row]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        # A .json file holding JSON Lines is common enough to accept.
+        if e.msg == "Extra data":
+            yield from _read_jsonl(path)
+            return
+        raise InfuseError(
+            f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}). "
+            "Expected an array of objects, or one object per line."
+        ) from None
+    rows = data if isinstance(data, list) else [data]
+    for index, row in enumerate(rows):
+        where = f"{path}[{index}]"
+        yield _as_object(row, where), where
+
+
+def _read_parquet(path: Path) -> Iterator[Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise InfuseError(f"{path}: cannot read as Parquet ({e}).") from None
+    for index, row in enumerate(table.to_pylist()):
+        yield row, f"{path}[{index}]"
+
+
+def _as_object(row: object, where: str) -> dict:
+    if not isinstance(row, dict):
+        raise InfuseError(f"{where}: expected a JSON object, found {type(row).__name__}.")
+    return row
+
+
+def text_of(row: dict, where: str, text_field: str = "text") -> str:
+    """The text field of a row, or a clear error naming the row and the fields it has."""
+    if text_field not in row:
+        fields = ", ".join(sorted(row)) or "none"
+        raise InfuseError(
+            f"{where}: no '{text_field}' field (fields found: {fields}). "
+            f"Name the field that holds the text with --text-field (or `text_field:` in a config)."
+        )
+    value = row[text_field]
+    if not isinstance(value, str):
+        raise InfuseError(f"{where}: field '{text_field}' should be a string, found {type(value).__name__}.")
+    return value

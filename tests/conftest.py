@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny tokenizer and tiny models built locally, and the real demo data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from infuse.tokenizer import train_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+TINY_LLAMA_CONFIG = REPO / "configs" / "tiny-llama.json"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"{SHARED_DATA} is missing: the tests read the public demo data from ../shared/data.")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, shared_data) -> Path:
+    """A 2048-entry byte-level BPE tokenizer trained on the wiki and c4 demo data."""
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer([shared_data / "wiki_demo.txt", shared_data / "c4_demo.jsonl"], 2048, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_config_path(tmp_path_factory, tokenizer) -> Path:
+    """The shipped tiny Llama config with the vocabulary sized to the test tokenizer."""
+    config = json.loads(TINY_LLAMA_CONFIG.read_text())
+    config["vocab_size"] = len(tokenizer)
+    path = tmp_path_factory.mktemp("config") / "tiny-llama.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tiny_llama_config_path, tokenizer) -> Path:
+    """A randomly initialised tiny Llama saved with its tokenizer, loadable by from_pretrained."""
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(tiny_llama_config_path)
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    model = AutoModelForCausalLM.from_config(config)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
