@@ -1,0 +1,266 @@
+"""TrainConfig: a YAML recipe plus ``--key value`` overrides, in TrainingArguments' own names.
+
+The file is flat, like HfArgumentParser input: infuse's own keys (the fields of ``TrainConfig``)
+sit next to any ``transformers.TrainingArguments`` field. Unknown keys are errors that suggest
+the closest known names, and every problem in a file is reported at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from infuse.errors import InfuseError
+
+STAGES = ("pt", "sft")
+FINETUNING_TYPES = ("full", "lora", "qlora")
+OVERLONG_POLICIES = ("truncate", "drop", "error")
+BAD_ROW_POLICIES = ("error", "skip")
+
+# Keys users know from transformers 4.x / LLaMA-Factory that TrainingArguments 5.x renamed.
+TRAINING_ALIASES: dict[str, tuple[str, Any]] = {
+    "warmup_ratio": ("warmup_steps", None),  # a float < 1 in warmup_steps is a ratio
+    "group_by_length": ("train_sampling_strategy", "group_by_length"),
+    "gradient_checkpointing": ("activation_checkpointing", None),
+}
+
+# Where infuse's defaults differ from TrainingArguments': a user expects TensorBoard logs,
+# frequent loss logging on small runs and checkpoints to resume from.
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "report_to": ["tensorboard"],
+    "logging_steps": 10,
+    "save_steps": 200,
+    "save_total_limit": 3,
+    "per_device_train_batch_size": 4,
+    "learning_rate": 2e-4,
+    "num_train_epochs": 3,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.03,
+    "disable_tqdm": True,  # infuse shows its own rich progress bar
+}
+
+
+def _help(text: str, default: Any = None, factory: Any = None) -> Any:
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Every TrainingArguments field is accepted too and kept in ``training``."""
+
+    stage: str = _help("pt = (continued) pretraining on raw text; sft = supervised fine-tuning.", "pt")
+    model_name_or_path: str | None = _help("A local Hugging Face model dir to start from.")
+    model_config: str | None = _help("A config JSON (any AutoConfig) to build a new model from instead.")
+    tokenizer_name_or_path: str | None = _help("Tokenizer dir; defaults to model_name_or_path.")
+    trust_remote_code: bool = _help("Allow custom modelling code shipped with the model.", False)
+    attn_implementation: str | None = _help("eager | sdpa | flash_attention_2; None lets transformers pick.")
+    dataset: list[str] = _help("Training data: files, folders or URLs.", factory=list)
+    dataset_format: str = _help("sft: auto | alpaca | sharegpt | messages | text.", "auto")
+    text_field: str = _help("pt: the field that holds the text in JSON/JSONL/Parquet rows.", "text")
+    finetuning_type: str = _help("full | lora | qlora (LoRA on a 4-bit quantized base).", "lora")
+    lora_rank: int = _help("LoRA rank r.", 8)
+    lora_alpha: int = _help("LoRA scaling alpha.", 16)
+    lora_dropout: float = _help("Dropout on the LoRA path.", 0.05)
+    lora_target: str | list[str] = _help("all-linear, or a list of module names to adapt.", "all-linear")
+    modules_to_save: list[str] | None = _help("Modules trained in full next to the adapters.")
+    quantization_bit: int = _help("qlora: bits of the quantized base (4 = nf4).", 4)
+    quantization_type: str = _help("qlora: nf4 | fp4.", "nf4")
+    double_quantization: bool = _help("qlora: quantize the quantization constants too.", True)
+    block_size: int = _help("pt: tokens per training block.", 2048)
+    cutoff_len: int = _help("sft: longest sample in tokens; see `overlong`.", 2048)
+    overlong: str = _help("sft: truncate | drop | error for samples over cutoff_len.", "error")
+    bad_rows: str = _help("sft: error | skip for malformed rows (skipped rows are counted).", "error")
+    template: str = _help("sft: auto = the tokenizer's chat template; or llama2 | chatml.", "auto")
+    packing: bool = _help("sft: padding-free packing (no attention across samples).", True)
+    placeholders: dict[str, str] = _help("sft: values for {{name}} placeholders in the data.", factory=dict)
+    replay_dataset: list[str] = _help("pt: general text mixed in against forgetting.", factory=list)
+    replay_ratio: float = _help("pt: share of training blocks drawn from replay_dataset (0.2 = one in five).", 0.0)
+    cache_dir: str | None = _help("Where tokenized data is cached; default ~/.cache/infuse.")
+    preprocessing_num_workers: int | None = _help("Processes for tokenization (datasets num_proc).")
+    overwrite_output_dir: bool = _help("Start afresh even if output_dir holds a run of other settings.", False)
+    training: dict[str, Any] = _help("TrainingArguments fields (output_dir, learning_rate, ...).", factory=dict)
+
+    @property
+    def output_dir(self) -> str:
+        return self.training["output_dir"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat form, as it would be written in a YAML recipe."""
+        flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "training"}
+        return {**flat, **self.training}
+
+    def training_arguments(self):
+        """Build ``transformers.TrainingArguments`` from the training keys."""
+        from transformers import TrainingArguments
+
+        import torch
+
+        kwargs = dict(self.training)
+        if not torch.cuda.is_available() and not torch.backends.mps.is_available():
+            # Without this, TrainingArguments refuses bf16 on a machine that has only a CPU.
+            kwargs.setdefault("use_cpu", True)
+        try:
+            return TrainingArguments(**kwargs)
+        except (ValueError, TypeError) as e:
+            raise InfuseError(f"Invalid training arguments: {e}") from None
+
+
+def own_keys() -> set[str]:
+    return {f.name for f in dataclasses.fields(TrainConfig)} - {"training"}
+
+
+def training_keys() -> set[str]:
+    from transformers import TrainingArguments
+
+    return {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML recipe, apply ``--key value`` overrides, check everything and return the config."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        values = _read_yaml(Path(path))
+    values.update(parse_overrides(overrides or []))
+    return config_from_dict(values, origin=str(path) if path else "command line")
+
+
+def config_from_dict(values: dict[str, Any], origin: str = "config") -> TrainConfig:
+    """Split flat keys into infuse's own and TrainingArguments', validate, fill defaults."""
+    values = _apply_aliases(dict(values))
+    own, training, errors = {}, {}, []
+    known_training = training_keys()
+    for key, value in values.items():
+        if key in own_keys():
+            own[key] = value
+        elif key in known_training:
+            training[key] = value
+        else:
+            errors.append(_unknown_key_message(key, own_keys() | known_training))
+    for key, value in TRAINING_DEFAULTS.items():
+        training.setdefault(key, value)
+    training = {key: _as_number(key, value, _training_field_types()) for key, value in training.items()}
+    own = {key: _as_number(key, value, _own_field_types()) for key, value in own.items()}
+    for key in ("dataset", "replay_dataset", "modules_to_save"):
+        if isinstance(own.get(key), str):
+            own[key] = [own[key]]
+    config = TrainConfig(**own, training=training)
+    errors += _validate(config)
+    if errors:
+        bullet = "\n  - "
+        raise InfuseError(f"{origin}: {len(errors)} problem(s) in the config:{bullet}{bullet.join(errors)}")
+    return config
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``["--lr", "1e-4", "--bf16", "--dataset=[a.jsonl, b/]"]`` → typed values (YAML rules)."""
+    values: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise InfuseError(f"Unexpected argument '{arg}': overrides are written --key value.")
+        key, eq, raw = arg[2:].partition("=")
+        if not eq:
+            # A bare flag followed by another key (or nothing) means true, as in HfArgumentParser.
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                raw, i = args[i + 1], i + 1
+            else:
+                raw = "true"
+        values[key.replace("-", "_")] = _parse_value(raw)
+        i += 1
+    return values
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _own_field_types() -> dict[str, str]:
+    return {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+
+
+def _training_field_types() -> dict[str, str]:
+    from transformers import TrainingArguments
+
+    return {f.name: str(f.type) for f in dataclasses.fields(TrainingArguments)}
+
+
+def _as_number(key: str, value: Any, types: dict[str, str]) -> Any:
+    """YAML reads ``2e-4`` (no dot) as a string; turn it into the number the field expects."""
+    if not isinstance(value, str) or "float" not in types.get(key, ""):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise InfuseError(f"Config file {path} not found.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise InfuseError(f"{where}: not valid YAML ({getattr(e, 'problem', e)}).") from None
+    if not isinstance(data, dict):
+        raise InfuseError(f"{path}: a config must be a mapping of keys to values.")
+    return data
+
+
+def _apply_aliases(values: dict[str, Any]) -> dict[str, Any]:
+    for old, (new, fixed_value) in TRAINING_ALIASES.items():
+        if old in values:
+            value = values.pop(old)
+            if fixed_value is None:
+                values.setdefault(new, value)
+            elif value:
+                values.setdefault(new, fixed_value)
+    return values
+
+
+def _unknown_key_message(key: str, known: set[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"unknown key '{key}'.{hint}"
+
+
+def _validate(config: TrainConfig) -> list[str]:
+    errors = []
+    choices = {
+        "stage": STAGES,
+        "finetuning_type": FINETUNING_TYPES,
+        "overlong": OVERLONG_POLICIES,
+        "bad_rows": BAD_ROW_POLICIES,
+    }
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            errors.append(f"{name}: '{getattr(config, name)}' is not one of {', '.join(allowed)}.")
+    if bool(config.model_name_or_path) == bool(config.model_config):
+        errors.append("give exactly one of model_name_or_path (start from weights) or model_config (new model).")
+    if not config.dataset:
+        errors.append("dataset: no training data given (a file, folder or URL, or a list of them).")
+    if "output_dir" not in config.training:
+        errors.append("output_dir: where to write the model is not set.")
+    for name in ("block_size", "cutoff_len", "lora_rank"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            errors.append(f"{name}: expected a positive integer, got {value!r}.")
+    if not 0 <= config.replay_ratio < 1:
+        errors.append(f"replay_ratio: expected a number in [0, 1), got {config.replay_ratio!r}.")
+    if config.finetuning_type == "qlora" and config.quantization_bit not in (4, 8):
+        errors.append(f"quantization_bit: qlora supports 4 or 8, got {config.quantization_bit!r}.")
+    if config.replay_ratio and not config.replay_dataset:
+        errors.append("replay_ratio is set but replay_dataset is empty.")
+    return errors

@@ -1,0 +1,438 @@
+"""Models: the tokenizer and model a run trains, wrapped for full, LoRA or QLoRA fine-tuning.
+
+A run either builds a new model from ``model_config`` (any AutoConfig JSON: llama, qwen2,
+mistral, ...) or loads the local model dir ``model_name_or_path``. ``finetuning_type`` then
+decides what trains: every weight (``full``), LoRA adapters on a frozen base (``lora``), or
+LoRA adapters on a base quantized to 4 or 8 bits with bitsandbytes (``qlora``).
+
+``load_for_inference("PATH+ADAPTER")`` is the other way in: a saved model, optionally with a
+PEFT adapter on top, ready for generation (serve, eval, chat, merge).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from rich.console import Console
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    set_seed,
+)
+
+from infuse.config import TrainConfig
+from infuse.errors import InfuseError
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+# Config fields that different architectures use for the longest sequence they were built for.
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+class _HideMissingKernelsNotice(logging.Filter):
+    """bitsandbytes warns on import, on CPUs with AVX-512 BF16, that the optional ``kernels``
+    package (which downloads a faster 4-bit CPU kernel from the Hub) is missing. It falls back
+    to its own kernel and nothing is wrong, so the line only confuses; every other message passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
+# Installed before anything here imports peft (which imports bitsandbytes), hence the lazy imports.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_HideMissingKernelsNotice())
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def load_tokenizer(config: TrainConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer at ``tokenizer_name_or_path`` (default: ``model_name_or_path``), with a pad token."""
+    path = config.tokenizer_name_or_path or config.model_name_or_path
+    if not path:
+        raise InfuseError(
+            f"model_config: a model built from {config.model_config} has no tokenizer of its own. Set "
+            "tokenizer_name_or_path to a tokenizer dir, or train one with `infuse tokenizer train "
+            "--corpus FILE --vocab-size N --output DIR`."
+        )
+    return ensure_pad_token(_tokenizer_from(path, config.trust_remote_code))
+
+
+def _tokenizer_from(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise InfuseError(f"Tokenizer path {folder} does not exist. {_hub_hint(str(path))}")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise InfuseError(
+            f"{folder} holds no tokenizer: expected one of {', '.join(TOKENIZER_FILES)}, found "
+            f"{_listing(folder)}. Point tokenizer_name_or_path at a saved transformers tokenizer."
+        )
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Give a tokenizer without a pad token one: its unk token if it has one, else eos.
+
+    unk comes first because collators mask pad positions out of the labels: with pad = eos the
+    model would never be trained to emit eos and would not learn to stop.
+    """
+    if tokenizer.pad_token is not None:
+        return tokenizer
+    spare = tokenizer.unk_token if tokenizer.unk_token not in (None, tokenizer.eos_token) else None
+    tokenizer.pad_token = spare or tokenizer.eos_token
+    logger.warning("The tokenizer has no pad token; padding with %s %r (id %d).",
+                   "its unk token" if spare else "its eos token", tokenizer.pad_token, tokenizer.pad_token_id)
+    return tokenizer
+
+
+# ---------------------------------------------------------------- training models
+
+
+def load_model(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel | PeftModel:
+    """The model ``config`` trains: built or loaded, quantized for qlora, wrapped with LoRA for
+    lora/qlora, with activation checkpointing when the training keys ask for it."""
+    if config.model_config:
+        model = _build_for_training(config, tokenizer)
+    else:
+        folder = check_model_dir(config.model_name_or_path)
+        model_config = _auto_config(folder, config.trust_remote_code)
+        check_context(model_config, _sequence_length(config), _length_key(config), folder / "config.json")
+        model = _load_for_training(folder, config)
+    if config.finetuning_type == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        # Checkpointing is switched on below with the transformers 5 call, not peft's older one.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if _wants_checkpointing(config):
+        model.config.use_cache = False  # the cache is useless in training and clashes with recomputation
+        model.activation_checkpointing_enable()
+    if config.finetuning_type in ("lora", "qlora"):
+        model = _wrap_lora(model, config)
+    return model
+
+
+def _build_for_training(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A new model from ``model_config``. For qlora it is saved to a temporary dir and loaded back
+    quantized, because bitsandbytes quantizes weights only on the from_pretrained path."""
+    model = build_model(config, tokenizer)
+    if config.finetuning_type != "qlora":
+        return model
+    with tempfile.TemporaryDirectory(prefix="infuse-base-") as tmp:
+        model.save_pretrained(tmp)
+        quantized = _load_for_training(Path(tmp), config)
+    quantized.name_or_path = str(config.model_config)
+    return quantized
+
+
+def build_model(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A randomly initialised model from ``config.model_config``, seeded by the training seed, with
+    its vocabulary and special token ids taken from ``tokenizer``. Weights are float32 (see
+    ``training_dtype``)."""
+    source = Path(config.model_config).expanduser()
+    if not source.exists():
+        raise InfuseError(f"model_config: {source} does not exist. Give the path of a config JSON "
+                          "(any AutoConfig, e.g. configs/tiny-llama.json) or of a dir holding config.json.")
+    model_config = _auto_config(source, config.trust_remote_code)
+    check_context(model_config, _sequence_length(config), _length_key(config), source)
+    fit_to_tokenizer(model_config, tokenizer)
+    if config.attn_implementation:
+        model_config._attn_implementation = config.attn_implementation
+    set_seed(config.training.get("seed", 42))
+    return AutoModelForCausalLM.from_config(model_config, dtype=torch.float32,
+                                            trust_remote_code=config.trust_remote_code)
+
+
+def fit_to_tokenizer(model_config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Grow the vocabulary to the tokenizer's (never shrink it: padded vocabularies are common) and
+    take bos/eos/pad ids from the tokenizer, so generation stops where the data put eos."""
+    if getattr(model_config, "vocab_size", None) is not None and model_config.vocab_size < len(tokenizer):
+        logger.info("vocab_size %d in the model config is smaller than the tokenizer's %d; using %d.",
+                    model_config.vocab_size, len(tokenizer), len(tokenizer))
+        model_config.vocab_size = len(tokenizer)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name)
+        if value is not None:
+            setattr(model_config, name, value)
+
+
+def _load_for_training(folder: Path, config: TrainConfig) -> PreTrainedModel:
+    quantization = quantization_config(config) if config.finetuning_type == "qlora" else None
+    kwargs: dict[str, Any] = {"dtype": training_dtype(config), "trust_remote_code": config.trust_remote_code,
+                              "use_safetensors": _has_safetensors(folder)}
+    if config.attn_implementation:
+        kwargs["attn_implementation"] = config.attn_implementation
+    if quantization is not None:
+        # Quantized weights are made on the device they will train on; the Trainer cannot move them later.
+        kwargs.update(quantization_config=quantization, device_map={"": _training_device()})
+    return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+
+
+def training_dtype(config: TrainConfig) -> torch.dtype:
+    """Full fine-tuning keeps float32 weights: the Trainer's bf16/fp16 switches run the maths in half
+    precision, while the optimizer needs full-precision weights (fp16 weights cannot be trained at
+    all by its gradient scaler). Frozen bases (lora, qlora) are stored in the compute dtype."""
+    return torch.float32 if config.finetuning_type == "full" else compute_dtype(config.training)
+
+
+def compute_dtype(training: dict[str, Any]) -> torch.dtype:
+    """bfloat16 when ``bf16`` is on, float16 when ``fp16`` is, else float32."""
+    if training.get("bf16"):
+        return torch.bfloat16
+    if training.get("fp16"):
+        return torch.float16
+    return torch.float32
+
+
+def quantization_config(config: TrainConfig) -> BitsAndBytesConfig:
+    """bitsandbytes settings for qlora: 4-bit (nf4/fp4, double quant switch) or 8-bit."""
+    if config.quantization_bit == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=config.quantization_type,
+        bnb_4bit_use_double_quant=config.double_quantization,
+        bnb_4bit_compute_dtype=compute_dtype(config.training),
+    )
+
+
+def _training_device() -> torch.device:
+    from accelerate import PartialState
+
+    return PartialState().device  # this process's accelerator (its local rank's GPU) or the CPU
+
+
+def _wants_checkpointing(config: TrainConfig) -> bool:
+    # config_from_dict maps the transformers 4 name gradient_checkpointing onto activation_checkpointing.
+    return bool(config.training.get("activation_checkpointing"))
+
+
+def _wrap_lora(model: PreTrainedModel, config: TrainConfig) -> PeftModel:
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.lora_target,
+        modules_to_save=config.modules_to_save,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as e:
+        if "not found in the base model" not in str(e):
+            raise
+        raise InfuseError(
+            f"lora_target: {config.lora_target} names no module of this {model.config.model_type} model. "
+            f"Its linear layers are: {', '.join(linear_module_names(model))}; or use lora_target: all-linear."
+        ) from None
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Short names of the linear layers LoRA can adapt (q_proj, up_proj, ...), lm_head excluded."""
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) and name}
+    return sorted(names - {"lm_head"})
+
+
+# ---------------------------------------------------------------- checks
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """The model dir ``path`` if it holds a config.json and weights; else an error that lists what
+    it found and what was expected."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise InfuseError(
+            f"Model path {folder} does not exist. Point model_name_or_path (or --model/--base) at a saved "
+            f"model dir, or build a new model with model_config. {_hub_hint(str(path))}"
+        )
+    has_config = (folder / "config.json").is_file()
+    if has_config and _has_weights(folder):
+        return folder
+    found = _listing(folder)
+    if (folder / "adapter_config.json").is_file():
+        hint = "It holds a PEFT adapter, not a model: load it as BASE+ADAPTER, BASE the model it adapts."
+    else:
+        hint = "Save the model there with model.save_pretrained(DIR), or point at the dir that holds it."
+    raise InfuseError(
+        f"{folder} is not a complete model dir: expected config.json and weights (model.safetensors, or "
+        f"model-*.safetensors shards with model.safetensors.index.json, or pytorch_model.bin), found "
+        f"{found}. {hint}"
+    )
+
+
+def check_context(model_config: PretrainedConfig, length: int, key: str = "block_size",
+                  source: str | Path = "the model config") -> None:
+    """Raise if ``length`` tokens do not fit the positions the model was built for."""
+    field, limit = _context_limit(model_config)
+    if limit is None or length <= limit:
+        return
+    raise InfuseError(
+        f"{key} {length} is longer than the model's context: {field} is {limit} in {source}. Set {key} "
+        f"to {limit} or less; a pretrained model has never seen positions beyond it (a new model "
+        f"built from model_config can instead raise {field} in its config JSON)."
+    )
+
+
+def _context_limit(model_config: PretrainedConfig) -> tuple[str, int | None]:
+    text_config = getattr(model_config, "text_config", None) or model_config
+    for field in CONTEXT_FIELDS:
+        value = getattr(text_config, field, None)
+        if isinstance(value, int):
+            return field, value
+    return "", None
+
+
+def _sequence_length(config: TrainConfig) -> int:
+    return config.block_size if config.stage == "pt" else config.cutoff_len
+
+
+def _length_key(config: TrainConfig) -> str:
+    return "block_size" if config.stage == "pt" else "cutoff_len"
+
+
+def _auto_config(source: Path, trust_remote_code: bool) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise InfuseError(
+            f"{source}: not a usable model config ({e}). A config JSON names its model_type "
+            "(llama, qwen2, mistral, ...) and sizes, as configs/tiny-llama.json does."
+        ) from None
+
+
+def _has_weights(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in WEIGHT_FILES) or _has_safetensors(folder)
+
+
+def _has_safetensors(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors"))
+
+
+def _listing(folder: Path, limit: int = 12) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    if not names:
+        return "nothing (the dir is empty)"
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _hub_hint(path: str) -> str:
+    """Models are read from local dirs; a Hub id gets the command that downloads it."""
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.startswith("."):
+        local = f"models/{path.split('/')[1]}"
+        return (f"If {path} is a Hugging Face Hub id, download it first (`hf download {path} --local-dir "
+                f"{local}`) and use {local}.")
+    return ""
+
+
+# ---------------------------------------------------------------- parameters
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as the elements they stand for."""
+    trainable = total = 0
+    for param in model.parameters():
+        count = _elements(param)
+        total += count
+        if param.requires_grad:
+            trainable += count
+    return trainable, total
+
+
+def _elements(param: torch.nn.Parameter) -> int:
+    # bitsandbytes packs two 4-bit values per byte; the quant state remembers the original shape.
+    quant_state = getattr(param, "quant_state", None)
+    if param.__class__.__name__ == "Params4bit" and quant_state is not None:
+        return quant_state.shape.numel()
+    return param.numel()
+
+
+def describe_model(model: torch.nn.Module, console: Console) -> None:
+    """Print trainable and total parameters and the trainable share."""
+    trainable, total = count_parameters(model)
+    share = 100 * trainable / total if total else 0.0
+    console.print(f"Parameters: [bold]{trainable:,}[/bold] trainable of {total:,} ({share:.4g}%).")
+
+
+# ---------------------------------------------------------------- inference
+
+
+def load_for_inference(spec: str, dtype: torch.dtype | str | None = None, device: str | None = None,
+                       quantization: BitsAndBytesConfig | None = None,
+                       ) -> tuple[PreTrainedModel | PeftModel, PreTrainedTokenizerBase]:
+    """``"PATH"`` or ``"PATH+ADAPTER"`` → (model in eval mode, tokenizer).
+
+    PATH may also be an adapter dir on its own; its base is then the ``base_model_name_or_path``
+    its adapter_config.json records. ``dtype`` defaults to the dtype the model was saved in,
+    ``device`` to the GPU when there is one. The tokenizer comes from ADAPTER when it holds one
+    (a run saves its tokenizer next to the adapter), else from PATH.
+    """
+    base, adapter = split_spec(spec)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    folder = check_model_dir(base)
+    kwargs: dict[str, Any] = {"dtype": dtype or "auto", "device_map": device,
+                              "use_safetensors": _has_safetensors(folder)}
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    if adapter:
+        model = _apply_adapter(model, adapter)
+    model.eval()
+    tokenizer_dir = adapter if adapter and _has_tokenizer(Path(adapter)) else folder
+    return model, ensure_pad_token(_tokenizer_from(tokenizer_dir))
+
+
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """``"PATH+ADAPTER"`` → (PATH, ADAPTER); ``"PATH"`` → (PATH, None), or (its base, PATH) when PATH
+    is an adapter dir. A path that itself contains '+' is taken whole when it exists."""
+    if "+" in spec and not Path(spec).expanduser().exists():
+        base, adapter = spec.rsplit("+", 1)
+        return base, adapter
+    folder = Path(spec).expanduser()
+    if not (folder / "config.json").is_file() and (folder / "adapter_config.json").is_file():
+        return _adapter_base(folder), spec
+    return spec, None
+
+
+def _adapter_base(adapter: Path) -> str:
+    from peft import PeftConfig
+
+    base = PeftConfig.from_pretrained(adapter).base_model_name_or_path
+    if not base or not Path(base).expanduser().is_dir():
+        raise InfuseError(f"{adapter} is a PEFT adapter whose base model ({base or 'not recorded'}) is not "
+                          f"a local dir. Give the base explicitly as BASE+{adapter}.")
+    return base
+
+
+def _apply_adapter(model: PreTrainedModel, adapter: str) -> PeftModel:
+    from peft import PeftModel
+
+    folder = Path(adapter).expanduser()
+    if not (folder / "adapter_config.json").is_file():
+        found = _listing(folder) if folder.is_dir() else "no such dir"
+        raise InfuseError(f"Adapter {folder} is not a PEFT adapter: expected adapter_config.json and "
+                          f"adapter_model.safetensors, found {found}. Give the output_dir of a lora or "
+                          "qlora run (a full run is a model: load it as PATH alone).")
+    return PeftModel.from_pretrained(model, folder)
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
+

@@ -1,0 +1,130 @@
+"""Which checkpoint a run continues from, and whether it is safe to.
+
+The Trainer writes ``checkpoint-N`` folders in place, so a process killed mid-save leaves a
+folder that looks like a checkpoint but is not one. After the Trainer has finished writing a
+checkpoint, infuse seals it with ``infuse_seal.json``: the run's fingerprint (every setting and
+data hash that shapes the training trajectory). Only sealed checkpoints are resumed from, and
+only when their fingerprint matches the run being started.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from infuse.errors import InfuseError
+
+SEAL_FILE = "infuse_seal.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+# Settings that do not change what is trained: changing them between a crash and a restart
+# is fine (for example logging more often, or keeping more checkpoints).
+NEUTRAL_KEYS = {
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "report_to", "disable_tqdm",
+    "logging_steps", "logging_strategy", "logging_first_step", "logging_dir", "log_level",
+    "save_steps", "save_strategy", "save_total_limit", "save_only_model", "run_name", "cache_dir",
+    "preprocessing_num_workers", "dataloader_num_workers", "dataloader_persistent_workers",
+    "dataloader_prefetch_factor", "dataloader_pin_memory", "push_to_hub", "hub_model_id",
+}
+
+
+@dataclass
+class ResumePlan:
+    checkpoint: str | None
+    ignored: list[str]  # checkpoint folders left unsealed by a process that died while saving
+
+
+def run_fingerprint(config: dict[str, Any], data_fingerprint: str) -> dict[str, Any]:
+    """The settings and data identity that decide the training trajectory, as a comparable dict."""
+    settings = {k: v for k, v in sorted(config.items()) if k not in NEUTRAL_KEYS}
+    return {"settings": json.loads(json.dumps(settings, default=str)), "data": data_fingerprint}
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """``checkpoint-N`` folders in step order."""
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if p.is_dir() and _CHECKPOINT.match(p.name)]
+    return sorted(found, key=lambda p: int(_CHECKPOINT.match(p.name).group(1)))
+
+
+def is_sealed(checkpoint: Path) -> bool:
+    return (checkpoint / SEAL_FILE).is_file() and (checkpoint / "trainer_state.json").is_file()
+
+
+def plan_resume(output_dir: Path, fingerprint: dict[str, Any], requested: str | bool | None,
+                overwrite: bool) -> ResumePlan:
+    """Decide where training starts.
+
+    ``requested`` is TrainingArguments' ``resume_from_checkpoint``: a path, True (latest), or None
+    (auto: latest sealed checkpoint of this output_dir if there is one).
+    """
+    found = checkpoints(output_dir)
+    ignored = [str(p) for p in found if not is_sealed(p)]
+    if overwrite:
+        for path in found:
+            shutil.rmtree(path)
+        return ResumePlan(None, [])
+    if isinstance(requested, str) and requested.lower() not in ("true", "false"):
+        checkpoint = Path(requested)
+        if not is_sealed(checkpoint):
+            raise InfuseError(
+                f"resume_from_checkpoint: {checkpoint} is not a complete checkpoint (no {SEAL_FILE} or "
+                "trainer_state.json; it was probably being written when the process died). "
+                "Pick an earlier checkpoint-N folder, or leave resume_from_checkpoint unset to use the latest complete one."
+            )
+    else:
+        sealed = [p for p in found if is_sealed(p)]
+        if requested is False or str(requested).lower() == "false" or not sealed:
+            return ResumePlan(None, ignored)
+        checkpoint = sealed[-1]
+    check_same_run(checkpoint, fingerprint)
+    return ResumePlan(str(checkpoint), ignored)
+
+
+def check_same_run(checkpoint: Path, fingerprint: dict[str, Any]) -> None:
+    """Stop when the checkpoint was written by a run with other settings or other data."""
+    seal = json.loads((checkpoint / SEAL_FILE).read_text())["fingerprint"]
+    changes = describe_changes(seal, fingerprint)
+    if changes:
+        listed = "; ".join(changes)
+        raise InfuseError(
+            f"{checkpoint} was written by a run with different settings or data ({listed}). "
+            "Resuming would silently skip or repeat training. Restore the old settings to continue "
+            "that run, choose another output_dir, or pass --overwrite_output_dir to start afresh."
+        )
+
+
+def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    changes = []
+    old_settings, new_settings = old["settings"], new["settings"]
+    for key in sorted(set(old_settings) | set(new_settings)):
+        before, after = old_settings.get(key, "<unset>"), new_settings.get(key, "<unset>")
+        if before != after:
+            changes.append(f"{key}: {before!r} -> {after!r}")
+    if old["data"] != new["data"]:
+        changes.append(f"training data changed (fingerprint {old['data'][:12]} -> {new['data'][:12]})")
+    return changes
+
+
+class SealCheckpoints(TrainerCallback):
+    """Marks each checkpoint complete once the Trainer has finished writing it."""
+
+    def __init__(self, fingerprint: dict[str, Any]):
+        self.fingerprint = fingerprint
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                seal = {"global_step": state.global_step, "fingerprint": self.fingerprint}
+                tmp = folder / (SEAL_FILE + ".tmp")
+                tmp.write_text(json.dumps(seal, indent=1))
+                tmp.replace(folder / SEAL_FILE)  # atomic: a seal is whole or absent
+        return control

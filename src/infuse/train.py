@@ -1,0 +1,168 @@
+"""One training run, read top to bottom: config → data → model → Trainer → artefacts.
+
+``output_dir`` receives the model (full fine-tuning) or the adapter (LoRA/QLoRA) as
+safetensors, the tokenizer, ``infuse_run.json`` (resolved config, data statistics, library
+versions, losses) and TensorBoard logs. Running the same command again after a crash continues
+from the last complete checkpoint (see ``infuse.resume``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from transformers import Trainer, TrainerCallback, default_data_collator
+
+from infuse import __version__
+from infuse.config import TrainConfig
+from infuse.errors import InfuseError
+from infuse.models import describe_model, load_model, load_tokenizer
+from infuse.progress import RichProgress
+from infuse.resume import SealCheckpoints, plan_resume, run_fingerprint
+
+MANIFEST = "infuse_run.json"
+LIBRARIES = ("infuse-llm", "torch", "transformers", "peft", "trl", "accelerate", "datasets",
+             "tokenizers", "bitsandbytes", "safetensors")
+
+
+@dataclass
+class TrainData:
+    dataset: Any
+    collator: Any
+    stats: dict[str, Any]
+    fingerprint: str
+
+
+def run(config: TrainConfig, console: Console | None = None,
+        callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
+    """Train as ``config`` says and return the manifest written to ``output_dir``."""
+    console = console or Console()
+    started = time.time()
+    output_dir = Path(config.output_dir)
+
+    tokenizer = load_tokenizer(config)
+    data = build_data(config, tokenizer, console)
+    fingerprint = run_fingerprint(config.to_dict(), data.fingerprint)
+    plan = plan_resume(output_dir, fingerprint, config.training.get("resume_from_checkpoint"),
+                       config.overwrite_output_dir)
+    for folder in plan.ignored:
+        console.print(f"[yellow]Ignoring {folder}: incomplete (the process died while writing it).")
+    if plan.checkpoint:
+        console.print(f"Resuming from [bold]{plan.checkpoint}[/bold]")
+
+    config = materialize_base(config, tokenizer, output_dir, console)
+    model = load_model(config, tokenizer)
+    describe_model(model, console)
+
+    trainer = Trainer(
+        model=model,
+        args=config.training_arguments(),
+        train_dataset=data.dataset,
+        data_collator=data.collator,
+        processing_class=tokenizer,
+        # Extra callbacks run first, so a test can stop the process before a checkpoint is sealed.
+        callbacks=[*(callbacks or []), SealCheckpoints(fingerprint), RichProgress(console)],
+    )
+    result = trainer.train(resume_from_checkpoint=plan.checkpoint)
+
+    trainer.save_model(str(output_dir))
+    tokenizer.save_pretrained(str(output_dir))
+    manifest = build_manifest(config, data, trainer, result.metrics, plan.checkpoint, started)
+    (output_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    console.print(f"[green]Saved[/green] {describe_artefact(config)} to [bold]{output_dir}[/bold] "
+                  f"(train loss {result.metrics.get('train_loss', float('nan')):.4f}).")
+    return manifest
+
+
+def build_data(config: TrainConfig, tokenizer, console: Console) -> TrainData:
+    """Tokenized training data for the config's stage."""
+    if config.stage == "pt":
+        return build_pretrain_data(config, tokenizer, console)
+    from infuse.data.sft import build_sft_data
+
+    return build_sft_data(config, tokenizer, console)
+
+
+def build_pretrain_data(config: TrainConfig, tokenizer, console: Console) -> TrainData:
+    from infuse.data.pretrain import build_pretrain_dataset, mix_replay
+
+    cache = cache_dir(config)
+    dataset, stats = build_pretrain_dataset(
+        config.dataset, tokenizer, config.block_size, text_field=config.text_field,
+        cache_dir=cache, num_proc=config.preprocessing_num_workers, console=console,
+    )
+    summary = {"train": stats.to_dict()}
+    fingerprint = stats.fingerprint
+    if config.replay_dataset:
+        replay, replay_stats = build_pretrain_dataset(
+            config.replay_dataset, tokenizer, config.block_size, text_field=config.text_field,
+            cache_dir=cache, num_proc=config.preprocessing_num_workers, console=console,
+        )
+        dataset, mix = mix_replay(dataset, replay, config.replay_ratio, seed=config.training.get("seed", 42))
+        summary["replay"] = {**replay_stats.to_dict(), **mix}
+        console.print(f"Replay: {mix['replay_blocks']} blocks of general text mixed with "
+                      f"{mix['train_blocks']} new blocks (ratio {config.replay_ratio}).")
+        fingerprint = f"{fingerprint}+{replay_stats.fingerprint}"
+    return TrainData(dataset, default_data_collator, summary, fingerprint)
+
+
+def cache_dir(config: TrainConfig) -> Path:
+    return Path(config.cache_dir).expanduser() if config.cache_dir else Path.home() / ".cache" / "infuse"
+
+
+def materialize_base(config: TrainConfig, tokenizer, output_dir: Path, console: Console) -> TrainConfig:
+    """An adapter needs a base that exists on disk: a model built from ``model_config`` is saved
+    once to ``output_dir/base`` and trained from there (and reused on resume)."""
+    if not config.model_config or config.finetuning_type == "full":
+        return config
+    base = output_dir / "base"
+    if not (base / "config.json").is_file():
+        model = load_model(replace(config, finetuning_type="full"), tokenizer)
+        model.save_pretrained(str(base))
+        tokenizer.save_pretrained(str(base))
+        console.print(f"Built a new base model from {config.model_config} and saved it to {base}.")
+    return replace(config, model_name_or_path=str(base), model_config=None)
+
+
+def describe_artefact(config: TrainConfig) -> str:
+    return "the model" if config.finetuning_type == "full" else f"the {config.finetuning_type} adapter"
+
+
+def build_manifest(config: TrainConfig, data: TrainData, trainer: Trainer, metrics: dict[str, Any],
+                   resumed_from: str | None, started: float) -> dict[str, Any]:
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    return {
+        "infuse_version": __version__,
+        "stage": config.stage,
+        "config": config.to_dict(),
+        "data": data.stats,
+        "data_fingerprint": data.fingerprint,
+        "trainable_parameters": trainable,
+        "resumed_from": resumed_from,
+        "metrics": metrics,
+        "log_history": trainer.state.log_history,
+        "libraries": library_versions(),
+        "wall_seconds": round(time.time() - started, 2),
+    }
+
+
+def library_versions() -> dict[str, str | None]:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def read_manifest(output_dir: str | Path) -> dict[str, Any]:
+    path = Path(output_dir) / MANIFEST
+    if not path.is_file():
+        raise InfuseError(f"{path} not found: {output_dir} is not a finished infuse run.")
+    return json.loads(path.read_text())

@@ -1,0 +1,67 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from infuse.config import config_from_dict, load_config, parse_overrides
+from infuse.errors import InfuseError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+MINIMAL = {"model_config": "tiny.json", "dataset": "docs.jsonl", "output_dir": "out/x"}
+
+
+def test_overrides_are_typed_like_yaml():
+    values = parse_overrides(["--learning_rate", "1.0e-4", "--bf16", "--lora_target=[q_proj, v_proj]",
+                              "--num-train-epochs", "2", "--run_name", "a b"])
+    assert values == {"learning_rate": 1e-4, "bf16": True, "lora_target": ["q_proj", "v_proj"],
+                      "num_train_epochs": 2, "run_name": "a b"}
+
+
+def test_yaml_plus_overrides_split_into_own_and_training_keys(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({**MINIMAL, "finetuning_type": "qlora", "learning_rate": "2e-4"}))
+    config = load_config(path, ["--lora_rank", "4", "--per_device_train_batch_size", "2"])
+    assert config.finetuning_type == "qlora" and config.lora_rank == 4
+    assert config.dataset == ["docs.jsonl"]
+    # YAML reads 2e-4 as a string; the TrainingArguments field wants a float.
+    assert config.training["learning_rate"] == pytest.approx(2e-4)
+    args = config.training_arguments()
+    assert args.per_device_train_batch_size == 2 and args.output_dir == "out/x"
+    assert "tensorboard" in args.report_to
+
+
+def test_renamed_training_keys_still_work():
+    config = config_from_dict({**MINIMAL, "warmup_ratio": 0.03, "group_by_length": True,
+                               "gradient_checkpointing": True})
+    args = config.training_arguments()
+    assert args.warmup_steps == pytest.approx(0.03)
+    assert args.train_sampling_strategy == "group_by_length"
+    assert args.activation_checkpointing is True
+
+
+def test_unknown_keys_suggest_close_matches_and_all_errors_are_reported():
+    with pytest.raises(InfuseError) as info:
+        config_from_dict({**MINIMAL, "lerning_rate": 1e-4, "lora_rnak": 4, "finetuning_type": "lorra"})
+    message = str(info.value)
+    assert "3 problem(s)" in message
+    assert "'lerning_rate'" in message and "'learning_rate'" in message
+    assert "'lora_rank'" in message
+    assert "finetuning_type: 'lorra' is not one of full, lora, qlora" in message
+
+
+def test_model_source_must_be_exactly_one():
+    with pytest.raises(InfuseError, match="exactly one of model_name_or_path"):
+        config_from_dict({**MINIMAL, "model_name_or_path": "some/dir"})
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("stage: pt\nmodel_config: [unclosed\n")
+    with pytest.raises(InfuseError, match=r"bad.yaml:\d+: not valid YAML"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("recipe", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_parses(recipe):
+    config = load_config(recipe)
+    config.training_arguments()

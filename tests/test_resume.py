@@ -1,0 +1,103 @@
+"""A run killed with SIGKILL and started again ends exactly where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from infuse.cli import main
+from infuse.resume import SEAL_FILE
+
+# Runs the same config as `infuse train`, plus a callback that SIGKILLs the process right after
+# the Trainer wrote checkpoint-KILL_STEP and before infuse sealed it: a half-written checkpoint.
+KILLED_RUN = """
+import os, signal, sys
+from transformers import TrainerCallback
+from infuse.config import load_config
+from infuse.train import run
+
+class KillWhileSaving(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == int(sys.argv[2]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+run(load_config(sys.argv[1]), callbacks=[KillWhileSaving()])
+"""
+KILL_STEP = 12
+
+
+@pytest.fixture
+def recipe(tmp_path, tiny_llama_config_path, tokenizer_dir, shared_data):
+    def write(output_dir: Path, **changes) -> Path:
+        values = {
+            "model_config": str(tiny_llama_config_path), "tokenizer_name_or_path": str(tokenizer_dir),
+            "dataset": [str(shared_data / "wiki_demo.txt")], "finetuning_type": "full", "block_size": 64,
+            "output_dir": str(output_dir), "max_steps": 16, "per_device_train_batch_size": 4,
+            "learning_rate": 3e-3, "logging_steps": 1, "save_steps": 4, "save_total_limit": 10,
+            "cache_dir": str(tmp_path / "cache"), "report_to": "none", "seed": 7,
+        }
+        values.update(changes)
+        path = output_dir.with_suffix(".yaml")
+        path.write_text(yaml.safe_dump(values))
+        return path
+
+    return write
+
+
+def losses(output_dir: Path) -> list[float]:
+    manifest = json.loads((output_dir / "infuse_run.json").read_text())
+    return [entry["loss"] for entry in manifest["log_history"] if "loss" in entry]
+
+
+def test_killed_run_resumes_to_the_same_weights_and_losses(recipe, tmp_path):
+    straight = tmp_path / "straight"
+    main(["train", str(recipe(straight))])
+
+    resumed = tmp_path / "resumed"
+    config = recipe(resumed)
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(config), str(KILL_STEP)], capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    assert (resumed / f"checkpoint-{KILL_STEP}").is_dir()
+    assert not (resumed / f"checkpoint-{KILL_STEP}" / SEAL_FILE).exists()
+
+    main(["train", str(config)])  # the same command again
+    manifest = json.loads((resumed / "infuse_run.json").read_text())
+    assert manifest["resumed_from"] == str(resumed / f"checkpoint-{KILL_STEP - 4}")
+
+    expected, got = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert expected.keys() == got.keys()
+    assert max((expected[k] - got[k]).abs().max().item() for k in expected) <= 1e-6
+    assert losses(resumed) == pytest.approx(losses(straight), abs=1e-6)
+    assert len(losses(resumed)) == 16
+
+
+def test_changed_settings_stop_the_resume_unless_overwriting(recipe, tmp_path, capsys):
+    out = tmp_path / "run"
+    main(["train", str(recipe(out, max_steps=4))])
+    with pytest.raises(SystemExit) as info:
+        main(["train", str(recipe(out, max_steps=4, learning_rate=1e-3))])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "learning_rate: 0.003 -> 0.001" in " ".join(err.split())
+    assert "--overwrite_output_dir" in err
+
+    main(["train", str(recipe(out, max_steps=4, learning_rate=1e-3)), "--overwrite_output_dir"])
+    assert json.loads((out / "infuse_run.json").read_text())["resumed_from"] is None
+
+
+def test_changed_data_stops_the_resume(recipe, tmp_path, shared_data, capsys):
+    data = tmp_path / "docs.txt"
+    data.write_text((shared_data / "wiki_demo.txt").read_text().splitlines()[0] + "\n")
+    out = tmp_path / "run"
+    main(["train", str(recipe(out, max_steps=2, save_steps=2, dataset=[str(data)]))])
+    data.write_text(data.read_text() + "One more line of new text.\n")
+    with pytest.raises(SystemExit):
+        main(["train", str(recipe(out, max_steps=2, save_steps=2, dataset=[str(data)]))])
+    assert "training data changed" in capsys.readouterr().err
