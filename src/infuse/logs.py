@@ -19,3 +19,12 @@ def quiet_libraries(debug: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.utils.checkpoint")
     warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+class HideMissingKernelsNotice(logging.Filter):
+    """bitsandbytes warns on import, on CPUs with AVX-512 BF16, that the optional ``kernels``
+    package (a faster 4-bit CPU kernel fetched from the Hub) is missing. It falls back to its own
+    kernel and nothing is wrong, so the line only confuses; every other message passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")

@@ -14,6 +14,9 @@ from __future__ import annotations
 import logging
 import re
 import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +30,6 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    set_seed,
 )
 
 from infuse.config import TrainConfig
@@ -43,19 +45,6 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 # Config fields that different architectures use for the longest sequence they were built for.
 CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
-
-
-class _HideMissingKernelsNotice(logging.Filter):
-    """bitsandbytes warns on import, on CPUs with AVX-512 BF16, that the optional ``kernels``
-    package (which downloads a faster 4-bit CPU kernel from the Hub) is missing. It falls back
-    to its own kernel and nothing is wrong, so the line only confuses; every other message passes."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
-
-
-# Installed before anything here imports peft (which imports bitsandbytes), hence the lazy imports.
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_HideMissingKernelsNotice())
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -152,7 +141,7 @@ def build_model(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> PreT
     fit_to_tokenizer(model_config, tokenizer)
     if config.attn_implementation:
         model_config._attn_implementation = config.attn_implementation
-    set_seed(config.training.get("seed", 42))
+    torch.manual_seed(config.training.get("seed", 42))
     return AutoModelForCausalLM.from_config(model_config, dtype=torch.float32,
                                             trust_remote_code=config.trust_remote_code)
 
@@ -232,8 +221,10 @@ def _wrap_lora(model: PreTrainedModel, config: TrainConfig) -> PeftModel:
         modules_to_save=config.modules_to_save,
         task_type="CAUSAL_LM",
     )
+    torch.manual_seed(config.training.get("seed", 42))  # lora_A starts random: the same seed, the same run
     try:
-        return get_peft_model(model, lora)
+        with _peft_quietly():
+            return get_peft_model(model, lora)
     except ValueError as e:
         if "not found in the base model" not in str(e):
             raise
@@ -241,6 +232,15 @@ def _wrap_lora(model: PreTrainedModel, config: TrainConfig) -> PeftModel:
             f"lora_target: {config.lora_target} names no module of this {model.config.model_type} model. "
             f"Its linear layers are: {', '.join(linear_module_names(model))}; or use lora_target: all-linear."
         ) from None
+
+
+@contextmanager
+def _peft_quietly() -> Iterator[None]:
+    """peft 0.21 still asks transformers 5 for the renamed ``is_gradient_checkpointing``; the
+    deprecation warning that causes is not the user's to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        yield
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
@@ -384,16 +384,21 @@ def load_for_inference(spec: str, dtype: torch.dtype | str | None = None, device
     ``device`` to the GPU when there is one. The tokenizer comes from ADAPTER when it holds one
     (a run saves its tokenizer next to the adapter), else from PATH.
     """
+    from peft import PeftModel
+
     base, adapter = split_spec(spec)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     folder = check_model_dir(base)
+    if adapter:
+        check_adapter_dir(adapter)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     kwargs: dict[str, Any] = {"dtype": dtype or "auto", "device_map": device,
                               "use_safetensors": _has_safetensors(folder)}
     if quantization is not None:
         kwargs["quantization_config"] = quantization
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     if adapter:
-        model = _apply_adapter(model, adapter)
+        with _peft_quietly():
+            model = PeftModel.from_pretrained(model, Path(adapter).expanduser())
     model.eval()
     tokenizer_dir = adapter if adapter and _has_tokenizer(Path(adapter)) else folder
     return model, ensure_pad_token(_tokenizer_from(tokenizer_dir))
@@ -421,16 +426,15 @@ def _adapter_base(adapter: Path) -> str:
     return base
 
 
-def _apply_adapter(model: PreTrainedModel, adapter: str) -> PeftModel:
-    from peft import PeftModel
-
-    folder = Path(adapter).expanduser()
+def check_adapter_dir(path: str | Path) -> Path:
+    """The adapter dir ``path`` if it holds an adapter_config.json; else an error listing what it holds."""
+    folder = Path(path).expanduser()
     if not (folder / "adapter_config.json").is_file():
-        found = _listing(folder) if folder.is_dir() else "no such dir"
+        found = _listing(folder) if folder.is_dir() else "nothing (no such dir)"
         raise InfuseError(f"Adapter {folder} is not a PEFT adapter: expected adapter_config.json and "
                           f"adapter_model.safetensors, found {found}. Give the output_dir of a lora or "
                           "qlora run (a full run is a model: load it as PATH alone).")
-    return PeftModel.from_pretrained(model, folder)
+    return folder
 
 
 def _has_tokenizer(folder: Path) -> bool:

@@ -1,0 +1,363 @@
+"""Documents → fixed-size token blocks for (continued) pretraining, with every token kept.
+
+Each document is tokenized without special tokens; infuse puts the separators in itself: EOS after
+every document, and BOS before every document when the tokenizer would add one on its own. The
+documents are joined in order and cut into rows of ``block_size`` tokens, so a document that does
+not fit carries on into the next block. The last, partial block is kept, padded, with labels -100
+and attention mask 0 on the padding: unlike the classic ``group_texts`` recipe, which drops the
+remainder of every batch, no token is lost.
+
+The blocks are cached under ``cache_dir/pretrain-<fingerprint>``. The fingerprint covers the
+sources' contents, the tokenizer, ``block_size``, ``text_field`` and the format below, so a run
+started again on unchanged inputs reuses the blocks and a changed file tokenizes again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from datasets import Dataset, Features, List, Value, concatenate_datasets, load_from_disk
+from rich.console import Console
+
+from infuse.data.records import RECORD_SUFFIXES, read_records, text_of
+from infuse.errors import InfuseError
+
+IGNORE_INDEX = -100
+# Bump when the blocks written for the same inputs change, so old caches are not reused.
+FORMAT_VERSION = 1
+LINE_SUFFIXES = (".txt",)
+WHOLE_FILE_SUFFIXES = (".md",)
+DOCUMENT_SUFFIXES = RECORD_SUFFIXES + LINE_SUFFIXES + WHOLE_FILE_SUFFIXES
+TOKENIZE_BATCH = 1000
+
+
+@dataclass
+class PackStats:
+    """What went into the blocks: every document token is in exactly one block."""
+
+    documents: int = 0
+    """Documents packed (empty ones are not among them)."""
+    tokens: int = 0
+    """Tokens of the documents, separators (BOS/EOS) included; padding is not."""
+    blocks: int = 0
+    block_size: int = 0
+    padding: int = 0
+    """Pad positions, all in the last block (labels -100, attention mask 0)."""
+    empty_documents_skipped: int = 0
+    """Documents with no text but whitespace: they add nothing and are counted here."""
+    sources: list[str] = field(default_factory=list)
+    fingerprint: str = ""
+    """The data fingerprint (see ``data_fingerprint``); empty when packed without one."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- sources → texts ------------------------------------------------------------------------------
+
+
+def source_files(sources: list[str | Path]) -> list[Path]:
+    """The document files named by ``sources``: files as given, folders expanded recursively in
+    sorted order (hidden files left out). Missing paths and other file types are errors."""
+    files: list[Path] = []
+    for source in map(Path, sources):
+        if source.is_dir():
+            files += _folder_files(source)
+        elif source.is_file():
+            _check_suffix(source)
+            files.append(source)
+        else:
+            raise InfuseError(f"{source}: no such file or folder. Check the path in `dataset:`.")
+    return files
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    found = sorted(p for p in folder.rglob("*") if p.is_file() and not _is_hidden(p.relative_to(folder)))
+    if not found:
+        raise InfuseError(f"{folder}: the folder holds no files. Put documents in it or leave it out.")
+    for path in found:
+        _check_suffix(path)
+    return found
+
+
+def _is_hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def _check_suffix(path: Path) -> None:
+    if path.suffix.lower() not in DOCUMENT_SUFFIXES:
+        raise InfuseError(
+            f"{path}: '{path.suffix or path.name}' files cannot be read as pretraining text (it reads "
+            f"{', '.join(DOCUMENT_SUFFIXES)}). Turn web pages, HTML and PDF into documents first with "
+            f"`infuse ingest {path} --output docs.jsonl` and train on docs.jsonl."
+        )
+
+
+def load_texts(sources: list[str | Path], text_field: str = "text") -> list[str]:
+    """The documents of ``sources`` in order: one per JSON/JSONL/Parquet row (its ``text_field``),
+    one per non-empty line of a ``.txt`` file, one per ``.md`` file. Folders are read recursively
+    in sorted order. Raises InfuseError when nothing but whitespace is found."""
+    texts: list[str] = []
+    for path in source_files(sources):
+        texts += _texts_of(path, text_field)
+    if not any(text.strip() for text in texts):
+        named = ", ".join(map(str, sources)) or "no source"
+        raise InfuseError(f"empty corpus: {named} hold no text. Point `dataset:` at documents with text.")
+    return texts
+
+
+def _texts_of(path: Path, text_field: str) -> list[str]:
+    suffix = path.suffix.lower()
+    if suffix in RECORD_SUFFIXES:
+        return [text_of(row, where, text_field) for row, where in read_records(path)]
+    text = _read_text(path)
+    if suffix in WHOLE_FILE_SUFFIXES:
+        return [text]
+    # Like the datasets `text` loader: a document a line, without its line break; blank lines
+    # separate documents and are not documents themselves.
+    return [line for line in text.split("\n") if line.strip()]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InfuseError(f"{path}: not UTF-8 text (byte {e.start}). Save it as UTF-8.") from None
+
+
+# --- texts → blocks -------------------------------------------------------------------------------
+
+
+def separators(tokenizer) -> tuple[list[int], list[int]]:
+    """``(before, after)`` each document: ``[bos]`` before when the tokenizer adds a BOS by itself
+    (as Llama's does), and ``[eos]`` after, always."""
+    if tokenizer.eos_token_id is None:
+        raise InfuseError(
+            "The tokenizer has no eos token, which pretraining puts between documents. "
+            "Set one (tokenizer.eos_token = '...') and save the tokenizer again."
+        )
+    return ([tokenizer.bos_token_id] if adds_bos(tokenizer) else []), [tokenizer.eos_token_id]
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts encodings with BOS (by its post-processor or ``add_bos_token``)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a").input_ids
+    return bool(ids and ids[0] == bos) or bool(getattr(tokenizer, "add_bos_token", False))
+
+
+def pack_documents(
+    texts: list[str], tokenizer, block_size: int, num_proc: int | None = None
+) -> tuple[Dataset, PackStats]:
+    """Tokenize ``texts`` and cut them into blocks of ``block_size`` tokens.
+
+    Returns a dataset with ``input_ids``, ``attention_mask`` and ``labels``, each a list of
+    ``block_size`` ints (so ``default_data_collator`` batches it), and the counts. The documents
+    are joined in order with their separators; only the last block has padding.
+    """
+    if not isinstance(block_size, int) or block_size < 1:
+        raise InfuseError(f"block_size: expected a positive integer, got {block_size!r}.")
+    documents = [text for text in texts if text.strip()]
+    if not documents:
+        raise InfuseError("empty corpus: the documents hold no text, so there is nothing to pretrain on.")
+    ids = token_stream(documents, tokenizer, num_proc)
+    blocks = cut_blocks(ids, block_size, pad_id(tokenizer))
+    stats = PackStats(
+        documents=len(documents),
+        tokens=len(ids),
+        blocks=len(blocks),
+        block_size=block_size,
+        padding=len(blocks) * block_size - len(ids),
+        empty_documents_skipped=len(texts) - len(documents),
+    )
+    return blocks, stats
+
+
+def pad_id(tokenizer) -> int:
+    """Pad with the pad token, or with EOS when there is none (the padding is masked by position)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def token_stream(documents: list[str], tokenizer, num_proc: int | None = None) -> np.ndarray:
+    """All documents' tokens with their separators, in order, as one int32 array.
+
+    Tokenization runs in batched ``Dataset.map`` calls (``num_proc`` processes); the lists it
+    produces are joined by reading the Arrow buffers as numpy arrays, without Python loops.
+    """
+    before, after = separators(tokenizer)
+    workers = min(num_proc or 1, len(documents))
+    tokenized = Dataset.from_dict({"text": documents}).map(
+        _tokenize_batch,
+        batched=True,
+        batch_size=TOKENIZE_BATCH,
+        num_proc=workers if workers > 1 else None,
+        fn_kwargs={"tokenizer": tokenizer, "before": before, "after": after},
+        remove_columns=["text"],
+        features=Features({"input_ids": List(Value("int32"))}),
+        desc="Tokenizing documents",
+    )
+    column = tokenized.data.table.column("input_ids")
+    return np.concatenate([chunk.flatten().to_numpy() for chunk in column.chunks if len(chunk)])
+
+
+def _tokenize_batch(batch: dict[str, list], tokenizer, before: list[int], after: list[int]) -> dict:
+    encoded = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+    return {"input_ids": [before + ids + after for ids in encoded]}
+
+
+def cut_blocks(ids: np.ndarray, block_size: int, pad: int) -> Dataset:
+    """Rows of ``block_size`` tokens; the last row padded with ``pad``, masked and label -100 there."""
+    count = -(-len(ids) // block_size)
+    input_ids = np.full(count * block_size, pad, dtype=np.int32)
+    input_ids[: len(ids)] = ids
+    labels = input_ids.copy()
+    labels[len(ids):] = IGNORE_INDEX
+    attention_mask = np.zeros(count * block_size, dtype=np.int8)
+    attention_mask[: len(ids)] = 1
+    columns = {
+        "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(input_ids), block_size),
+        "attention_mask": pa.FixedSizeListArray.from_arrays(pa.array(attention_mask), block_size),
+        "labels": pa.FixedSizeListArray.from_arrays(pa.array(labels), block_size),
+    }
+    features = Features({
+        "input_ids": List(Value("int32"), length=block_size),
+        "attention_mask": List(Value("int8"), length=block_size),
+        "labels": List(Value("int32"), length=block_size),
+    })
+    return Dataset.from_dict(columns, features=features)
+
+
+# --- fingerprint and cache ------------------------------------------------------------------------
+
+
+def data_fingerprint(sources: list[str | Path], tokenizer, block_size: int, text_field: str = "text") -> str:
+    """16 hex digits that change when the blocks would: the sources' contents (in order, with how
+    each file is read), the tokenizer and its separators, ``block_size``, ``text_field``, the format."""
+    digest = hashlib.sha256(f"infuse-pretrain v{FORMAT_VERSION}|{block_size}|{text_field}|".encode())
+    for path in source_files(sources):
+        digest.update(f"{path.suffix.lower()}:{_file_sha256(path)}|".encode())
+    digest.update(tokenizer_fingerprint(tokenizer).encode())
+    return digest.hexdigest()[:16]
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything that decides the token ids: the fast tokenizer's full JSON (vocabulary,
+    merges, normalizer, pre- and post-processing, added tokens) or the vocabulary of a slow one,
+    plus the separators and pad id infuse uses."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    before, after = separators(tokenizer)
+    specials = json.dumps({"before": before, "after": after, "pad": pad_id(tokenizer)})
+    return hashlib.sha256((model + specials).encode()).hexdigest()
+
+
+def build_pretrain_dataset(
+    sources: list[str | Path],
+    tokenizer,
+    block_size: int,
+    *,
+    text_field: str = "text",
+    cache_dir: Path | None = None,
+    num_proc: int | None = None,
+    console: Console | None = None,
+) -> tuple[Dataset, PackStats]:
+    """Blocks of ``sources`` for pretraining, from the cache when the inputs are unchanged.
+
+    Without ``cache_dir`` the data is always packed anew. The counts are printed to ``console``
+    (a new one when None) and, with a cache, saved next to the blocks as ``stats.json``.
+    """
+    console = console or Console()
+    fingerprint = data_fingerprint(sources, tokenizer, block_size, text_field)
+    cached = Path(cache_dir) / f"pretrain-{fingerprint}" if cache_dir else None
+    if cached is not None and cached.is_dir():
+        dataset, stats = load_packed(cached)
+        console.print(f"Reusing the tokenized pretraining data in {cached} (inputs unchanged).",
+                      highlight=False)
+    else:
+        dataset, stats = pack_documents(load_texts(sources, text_field), tokenizer, block_size, num_proc)
+        stats.fingerprint = fingerprint
+        if cached is not None:
+            save_packed(dataset, stats, cached)
+    stats.sources = [str(source) for source in sources]
+    report_pack_stats(stats, console)
+    return dataset, stats
+
+
+def save_packed(dataset: Dataset, stats: PackStats, folder: Path) -> None:
+    """Write the blocks and ``stats.json`` into a temporary folder and rename it into place, so a
+    run killed while saving never leaves a half-written cache behind."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = folder.parent / f".{folder.name}.{os.getpid()}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    dataset.save_to_disk(str(partial / "dataset"))
+    (partial / "stats.json").write_text(json.dumps(stats.to_dict(), indent=2))
+    try:
+        partial.rename(folder)
+    except OSError:
+        # Another run saved the same fingerprint first: its blocks are the same.
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def load_packed(folder: Path) -> tuple[Dataset, PackStats]:
+    stats = PackStats(**json.loads((folder / "stats.json").read_text()))
+    return load_from_disk(str(folder / "dataset")), stats
+
+
+def report_pack_stats(stats: PackStats, console: Console) -> None:
+    """One line with every count; a second, in yellow, when empty documents were skipped."""
+    console.print(
+        f"Pretraining data: {stats.documents:,} documents → {stats.tokens:,} tokens → "
+        f"{stats.blocks:,} blocks of {stats.block_size:,} tokens "
+        f"({stats.padding:,} padding positions in the last block); fingerprint {stats.fingerprint or '-'}.",
+        highlight=False,
+    )
+    if stats.empty_documents_skipped:
+        skipped = stats.empty_documents_skipped
+        console.print(f"[yellow]Empty documents skipped: {skipped:,} (no text in them).", highlight=False)
+
+
+# --- replay ---------------------------------------------------------------------------------------
+
+
+def mix_replay(dataset: Dataset, replay: Dataset, ratio: float, seed: int = 42) -> tuple[Dataset, dict]:
+    """``dataset`` with blocks of ``replay`` added so they make up ``ratio`` of the result, shuffled.
+
+    Replay blocks are drawn without repeats while there are enough, then in further shuffled
+    rounds. Returns the mixed dataset and its counts (``train_blocks``, ``replay_blocks``,
+    ``replay_available``, ``replay_share``).
+    """
+    if not 0 <= ratio < 1:
+        raise InfuseError(f"replay_ratio: expected a number in [0, 1), got {ratio!r}.")
+    if not len(replay):
+        raise InfuseError("replay_dataset: it holds no blocks to mix in.")
+    wanted = round(len(dataset) * ratio / (1 - ratio))
+    rng = np.random.default_rng(seed)
+    rounds = -(-wanted // len(replay))
+    picked = np.concatenate([rng.permutation(len(replay)) for _ in range(rounds)] or [np.zeros(0, int)])
+    picked = picked[:wanted]
+    mixed = concatenate_datasets([dataset, replay.select(picked.tolist())]) if wanted else dataset
+    counts = {
+        "train_blocks": len(dataset),
+        "replay_blocks": wanted,
+        "replay_available": len(replay),
+        "replay_share": round(wanted / len(mixed), 4),
+    }
+    return mixed.shuffle(seed=seed), counts

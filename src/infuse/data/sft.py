@@ -1,0 +1,443 @@
+"""Conversations → ``input_ids`` + ``labels`` in which only what the assistant says is trained.
+
+Which characters belong to an assistant is found by rendering prefixes of the conversation with
+the chat template, so it works for any template, without ``{% generation %}`` markers in it:
+
+    prompt = render(messages[:i], add_generation_prompt=True)   # ... <|im_start|>assistant\\n
+    upto   = render(messages[:i + 1])                           # ... answer<|im_end|>\\n
+
+``upto[len(prompt):]`` is what the model must say at turn ``i``: the answer and the end-of-turn
+marker (the whitespace after the marker is not trained; it is never generated). The whole
+conversation is tokenized once and a token is trained where it overlaps such a span. This needs
+every prefix rendering to be a prefix of the whole rendering; a template that breaks that is an
+error, not a silent mislabel.
+
+Rows of raw ``text`` are already in a template. In ``[INST]`` text (Llama 2, the guanaco style
+``<s>[INST] q [/INST] a </s>``) what follows each ``[/INST]`` up to and including the next eos is
+trained, so the model learns to answer and stop, not to write questions. Text without
+``[/INST]`` is trained in full, like pretraining text.
+
+Padding is masked by position (collators), never by token id: with ``pad = eos`` the eos that
+ends an answer is still trained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from transformers import DataCollatorWithFlattening
+
+from infuse.data.formats import BadRow, BadRows, Conversation, load_conversations
+from infuse.data.templates import TOOLS_INTRO, apply_template, end_of_turn, is_single_token, render
+from infuse.errors import InfuseError
+
+IGNORE_INDEX = -100
+OVERLONG_POLICIES = ("truncate", "drop", "error")
+INST_OPEN, INST_CLOSE = "[INST]", "[/INST]"
+
+Span = tuple[int, int]
+
+
+@dataclass
+class SFTStats:
+    """What tokenization kept, cut and dropped, and how much of it is trained."""
+
+    samples: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    longest: int = 0
+    truncated: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)
+    skipped_examples: list[str] = field(default_factory=list)
+    end_of_turn: str = ""
+    fingerprint: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "samples": self.samples,
+            "tokens": self.tokens,
+            "trained_tokens": self.trained_tokens,
+            "longest_sample": self.longest,
+            "truncated": self.truncated,
+            "dropped": sum(self.dropped.values()),
+            "dropped_by_reason": dict(self.dropped),
+            "skipped_rows": sum(self.skipped.values()),
+            "skipped_by_reason": dict(self.skipped),
+            "skipped_examples": list(self.skipped_examples),
+            "end_of_turn": self.end_of_turn,
+        }
+
+
+# --- one conversation -----------------------------------------------------------------------------
+
+
+def tokenize_conversation(conversation: Conversation, tokenizer, template: str
+                          ) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` of one conversation; labels are -100 except on assistant answers
+    and their end-of-turn markers. Raises BadRow if the template cannot render the conversation."""
+    text, spans = trained_spans(conversation, tokenizer, template)
+    try:
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:  # only fast (Rust) tokenizers report character offsets
+        raise InfuseError(f"{type(tokenizer).__name__} cannot map tokens to characters; SFT needs a fast "
+                          "tokenizer (a tokenizer.json in the tokenizer folder).") from None
+    input_ids = list(encoding["input_ids"])
+    return input_ids, labels_for(input_ids, encoding["offset_mapping"], spans)
+
+
+def trained_spans(conversation: Conversation, tokenizer, template: str) -> tuple[str, list[Span]]:
+    """The text to tokenize and the character spans of it that are trained."""
+    if conversation.text is not None:
+        return conversation.text, text_spans(conversation.text, tokenizer.eos_token, tokenizer.bos_token)
+    messages = messages_for(conversation, template)
+    tools = conversation.tools if uses_tools(template) else None
+    full = _render(tokenizer, template, messages, tools)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        upto = full if i == len(messages) - 1 else _render(tokenizer, template, messages[: i + 1], tools)
+        _check_prefix(upto, full, i)
+        spans.append((_answer_start(tokenizer, template, messages, tools, i, upto), len(upto.rstrip())))
+    return full, spans
+
+
+def _answer_start(tokenizer, template: str, messages: list[dict], tools, i: int, upto: str) -> int:
+    """Where the assistant's words of turn ``i`` begin in ``upto`` (after the role header)."""
+    before = ""
+    if i > 0:
+        prompt = _render(tokenizer, template, messages[:i], tools, add_generation_prompt=True)
+        if upto.startswith(prompt):
+            return len(prompt)
+        # The generation prompt differs from the header written before a stored answer (some
+        # templates add a thinking block to it): look for the answer after the earlier turns.
+        before = _render(tokenizer, template, messages[:i], tools)
+        _check_prefix(before, upto, i - 1)
+    answer = messages[i]["content"].strip()
+    start = upto.find(answer, len(before))
+    if start < 0:
+        raise InfuseError(
+            f"the chat template changes the text of assistant turn {i}, so its tokens cannot be found "
+            "to train them. Use `template: chatml` or `template: llama2`."
+        )
+    return start
+
+
+def _check_prefix(part: str, whole: str, index: int) -> None:
+    if not whole.startswith(part):
+        raise InfuseError(
+            f"the chat template renders the conversation up to message {index} differently from the same "
+            "messages inside the whole conversation (it rewrites earlier turns, e.g. moves the system prompt "
+            "or drops old reasoning), so the assistant tokens cannot be located. Use `template: chatml` or "
+            "`template: llama2`, or a template that renders each turn the same wherever it stands."
+        )
+
+
+def _render(tokenizer, template: str, messages: list[dict], tools,
+            add_generation_prompt: bool = False) -> str:
+    try:
+        return render(tokenizer, template, messages, tools, add_generation_prompt)
+    except InfuseError as e:
+        raise BadRow(str(e)) from None
+
+
+def uses_tools(template: str) -> bool:
+    """Whether ``template`` renders the ``tools`` it is given (if not, they go into the system turn)."""
+    return "tools" in template
+
+
+def messages_for(conversation: Conversation, template: str) -> list[dict[str, str]]:
+    """The conversation's messages, with tool descriptions written into the system turn when the
+    template would otherwise drop them: a model cannot learn to call functions it was not shown."""
+    messages = [dict(message) for message in conversation.messages]
+    if not conversation.tools or uses_tools(template):
+        return messages
+    tools = [json.dumps(tool, ensure_ascii=False) for tool in conversation.tools]
+    described = "\n".join([TOOLS_INTRO, *tools])
+    if messages[0]["role"] == "system":
+        messages[0]["content"] = f"{messages[0]['content']}\n\n{described}"
+    else:
+        messages.insert(0, {"role": "system", "content": described})
+    return messages
+
+
+def text_spans(text: str, eos: str | None, bos: str | None = None) -> list[Span]:
+    """Trained spans of raw text: each answer after ``[/INST]`` up to and including eos, or all of
+    the text if it has no ``[/INST]``."""
+    if INST_CLOSE not in text:
+        return [(0, len(text))]
+    spans = []
+    for close in _find_all(text, INST_CLOSE):
+        start = close + len(INST_CLOSE)
+        limit = text.find(INST_OPEN, start)
+        limit = len(text) if limit < 0 else limit
+        eos_at = text.find(eos, start, limit) if eos else -1
+        if eos_at >= 0:
+            end = eos_at + len(eos)
+        else:  # an answer without eos: train up to the next question, not its bos
+            tail = text[start:limit].rstrip()
+            end = start + len(tail.removesuffix(bos).rstrip() if bos else tail)
+        if text[start:end].replace(eos or "", "").strip():  # an empty answer teaches nothing
+            spans.append((start, end))
+    return spans
+
+
+def _find_all(text: str, needle: str) -> list[int]:
+    found, at = [], text.find(needle)
+    while at >= 0:
+        found.append(at)
+        at = text.find(needle, at + len(needle))
+    return found
+
+
+def labels_for(input_ids: list[int], offsets: list[tuple[int, int]], spans: list[Span]) -> list[int]:
+    """Labels that copy ``input_ids`` where a token overlaps a trained span, -100 elsewhere."""
+    labels = [IGNORE_INDEX] * len(input_ids)
+    span = 0
+    for index, (start, end) in enumerate(offsets):
+        while span < len(spans) and start >= spans[span][1]:
+            span += 1
+        if span == len(spans):
+            break
+        if end > spans[span][0]:
+            labels[index] = input_ids[index]
+    return labels
+
+
+# --- the dataset ----------------------------------------------------------------------------------
+
+
+def build_sft_dataset(
+    conversations: list[Conversation],
+    tokenizer,
+    template: str,
+    cutoff_len: int,
+    overlong: str = "error",
+    bad_rows: str = "error",
+    console: Console | None = None,
+):
+    """Tokenize ``conversations`` into a ``datasets.Dataset`` of ``input_ids`` and ``labels``.
+
+    ``overlong`` says what happens to samples longer than ``cutoff_len`` tokens: ``truncate``
+    (keep the first ``cutoff_len``), ``drop``, or ``error`` (one error listing them all). A sample
+    left with no trained token after truncation is dropped; one that has none to begin with is a
+    bad row. Everything cut, dropped or skipped is counted in the returned ``SFTStats``.
+    """
+    from datasets import Dataset
+
+    if overlong not in OVERLONG_POLICIES:
+        raise InfuseError(f"overlong: '{overlong}' is not one of {', '.join(OVERLONG_POLICIES)}.")
+    stats = SFTStats(end_of_turn=end_of_turn(tokenizer, template))
+    policy = BadRows(bad_rows, stats.skipped, stats.skipped_examples)
+    digest = hashlib.sha256(template.encode())
+    columns: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
+    too_long: list[tuple[str, int]] = []
+    with _progress(console) as progress:
+        for conversation in progress.track(conversations, total=len(conversations)):
+            sample = _tokenize_or_skip(conversation, tokenizer, template, policy)
+            if sample is not None:
+                sample = _fit(sample, conversation.where, cutoff_len, overlong, stats, too_long)
+            if sample is not None:
+                _add(columns, sample, stats, digest)
+    if too_long:
+        raise InfuseError(_overlong_message(too_long, cutoff_len))
+    if not columns["input_ids"]:
+        raise InfuseError("No SFT sample is left to train on: every row was skipped or dropped "
+                          "(see the counts above).")
+    stats.fingerprint = digest.hexdigest()[:16]
+    return Dataset.from_dict(columns), stats
+
+
+def _tokenize_or_skip(conversation: Conversation, tokenizer, template: str, policy: BadRows):
+    try:
+        input_ids, labels = tokenize_conversation(conversation, tokenizer, template)
+    except BadRow as e:
+        policy.handle(conversation.where, str(e), reason="template")
+        return None
+    except InfuseError as e:  # a template that cannot work: say where it showed
+        raise InfuseError(f"{conversation.where}: {e}") from None
+    if not trains_something(labels):
+        policy.handle(conversation.where, "no token of this sample would be trained (no assistant answer).",
+                      reason="nothing_trained")
+        return None
+    return input_ids, labels
+
+
+def trains_something(labels: list[int]) -> bool:
+    """Whether any token is predicted (the first one never is: nothing comes before it)."""
+    return any(label != IGNORE_INDEX for label in labels[1:])
+
+
+def _fit(sample, where: str, cutoff_len: int, overlong: str, stats: SFTStats, too_long: list):
+    """Apply the overlong policy; None when the sample is dropped."""
+    input_ids, labels = sample
+    if len(input_ids) <= cutoff_len:
+        return sample
+    if overlong == "error":
+        too_long.append((where, len(input_ids)))
+        return None
+    if overlong == "drop":
+        stats.dropped["overlong"] += 1
+        return None
+    stats.truncated += 1
+    input_ids, labels = input_ids[:cutoff_len], labels[:cutoff_len]
+    if not trains_something(labels):
+        # The answer lay entirely beyond the cut: a sample that teaches nothing is not kept.
+        stats.dropped["nothing_trained_after_truncation"] += 1
+        return None
+    return input_ids, labels
+
+
+def _add(columns: dict, sample, stats: SFTStats, digest) -> None:
+    input_ids, labels = sample
+    columns["input_ids"].append(input_ids)
+    columns["labels"].append(labels)
+    stats.samples += 1
+    stats.tokens += len(input_ids)
+    stats.trained_tokens += sum(label != IGNORE_INDEX for label in labels[1:])
+    stats.longest = max(stats.longest, len(input_ids))
+    digest.update(np.asarray(input_ids, dtype=np.int64).tobytes())
+    digest.update(np.asarray(labels, dtype=np.int64).tobytes())
+
+
+def _overlong_message(too_long: list[tuple[str, int]], cutoff_len: int) -> str:
+    longest = max(length for _, length in too_long)
+    shown = ", ".join(f"{where} ({length} tokens)" for where, length in too_long[:3])
+    return (
+        f"{len(too_long)} sample(s) are longer than cutoff_len {cutoff_len} (the longest has {longest} "
+        f"tokens), e.g. {shown}. Raise cutoff_len, or set `overlong: truncate` (keep the first "
+        f"{cutoff_len} tokens) or `overlong: drop` (leave them out); both are counted in the run report."
+    )
+
+
+def _progress(console: Console | None) -> Progress:
+    return Progress(TextColumn("[bold]tokenize"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True, disable=console is None)
+
+
+# --- batches --------------------------------------------------------------------------------------
+
+
+class PackedCollator(DataCollatorWithFlattening):
+    """Padding-free batches: the samples of a batch concatenated into one row.
+
+    ``position_ids`` restart at 0 for every sample and no ``attention_mask`` is returned, which is
+    how transformers' attention (sdpa, eager, flash) recognises packed samples and keeps each one
+    from attending to the others. The first label of every sample is -100, so the last token of
+    one sample is never asked to predict the first token of the next.
+
+    The batch also says ``use_cache=False``: transformers looks for packed samples only when the
+    forward pass has no KV cache, and a model whose config turns the cache on would otherwise let
+    the samples of a row attend to each other.
+    """
+
+    def __init__(self):
+        super().__init__(return_position_ids=True, separator_id=IGNORE_INDEX)
+
+    def __call__(self, features, return_tensors=None, separator_id=None):
+        batch = super().__call__(features, return_tensors, separator_id)
+        batch["use_cache"] = False
+        return batch
+
+
+@dataclass
+class PaddedCollator:
+    """Right-padded batches with an attention mask; labels of padding are -100 by position, so a
+    pad token that equals eos does not hide the real eos that ends an answer."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(feature["input_ids"]) for feature in features)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
+        for feature in features:
+            ids, labels = list(feature["input_ids"]), list(feature["labels"])
+            pad = width - len(ids)
+            batch["input_ids"].append(ids + [self.pad_token_id] * pad)
+            batch["attention_mask"].append([1] * len(ids) + [0] * pad)
+            batch["labels"].append(labels + [IGNORE_INDEX] * pad)
+        return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
+
+
+def make_collator(tokenizer, packing: bool = True):
+    """The packed (padding-free) collator, or the padded one when ``packing`` is off."""
+    if packing:
+        return PackedCollator()
+    if tokenizer.pad_token_id is None:
+        raise InfuseError("packing: false needs a pad token, and the tokenizer has none.")
+    return PaddedCollator(tokenizer.pad_token_id)
+
+
+# --- what training sees ---------------------------------------------------------------------------
+
+
+def render_sample(input_ids: list[int], labels: list[int], tokenizer) -> list[tuple[str, bool]]:
+    """The sample as ``(text, trained)`` pieces, consecutive tokens of the same kind decoded together
+    (for showing trained and masked text in different colours)."""
+    pieces = []
+    pairs = zip(input_ids, labels, strict=True)
+    for trained, group in itertools.groupby(pairs, key=lambda pair: pair[1] != IGNORE_INDEX):
+        ids = [token for token, _ in group]
+        pieces.append((tokenizer.decode(ids, skip_special_tokens=False), trained))
+    return pieces
+
+
+def build_sft_data(config, tokenizer, console: Console | None = None):
+    """The training data of an SFT run from a ``TrainConfig``: the template is set on ``tokenizer``
+    (saved with the model), rows read, tokenized, reported. Returns ``infuse.train.TrainData``."""
+    from infuse.train import TrainData
+
+    console = console or Console()
+    template = apply_template(tokenizer, config.template)
+    conversations, loaded = load_conversations(config.dataset, config.dataset_format, config.bad_rows,
+                                               config.placeholders)
+    dataset, stats = build_sft_dataset(conversations, tokenizer, template, config.cutoff_len, config.overlong,
+                                       config.bad_rows, console)
+    report_sft_data(loaded, stats, tokenizer, template, conversations, console)
+    summary = {"train": {**loaded.to_dict(), **stats.to_dict(), "template": config.template,
+                         "packing": config.packing}}
+    return TrainData(dataset, make_collator(tokenizer, config.packing), summary, stats.fingerprint)
+
+
+def report_sft_data(loaded, stats: SFTStats, tokenizer, template: str, conversations,
+                    console: Console) -> None:
+    """Print what was read and what will be trained, with every cut, drop and skip counted."""
+    share = stats.trained_tokens / max(stats.tokens, 1)
+    formats = ", ".join(sorted(set(loaded.formats.values())))
+    console.print(f"SFT data: {loaded.rows} rows ({formats}) → {stats.samples} samples, "
+                  f"{stats.tokens:,} tokens, {stats.trained_tokens:,} trained ({share:.0%}); "
+                  f"longest {stats.longest} tokens.")
+    skipped = loaded.skipped + stats.skipped
+    for label, counts in (("Skipped rows", skipped), ("Dropped samples", stats.dropped)):
+        if counts:
+            console.print(f"[yellow]{label}: {sum(counts.values())} ({_counts(counts)}).")
+    for example in (loaded.skipped_examples + stats.skipped_examples)[:3]:
+        console.print(f"[yellow]  e.g. {example}")
+    if stats.truncated:
+        console.print(f"[yellow]Truncated to cutoff_len: {stats.truncated} samples.")
+    if loaded.unfilled_placeholders:
+        console.print(f"[yellow]Placeholders left unfilled: {_counts(loaded.unfilled_placeholders)}; "
+                      "give their values with `placeholders: {name: value}`.")
+    if not is_single_token(tokenizer, stats.end_of_turn):
+        console.print(f"[yellow]The end-of-turn marker {stats.end_of_turn!r} is not one token of this "
+                      "tokenizer; generation must stop on it as text.")
+    if any(c.text and INST_CLOSE in c.text for c in conversations) and INST_CLOSE not in template:
+        console.print("[yellow]The data is written in [INST] form but the template is not; set "
+                      "`template: llama2` so prompts at inference look like the training data.")
+
+
+def _counts(counts: Counter) -> str:
+    return ", ".join(f"{reason} {n}" for reason, n in counts.most_common())

@@ -1,0 +1,229 @@
+"""A synthetic world for ``infuse demo``: a fictional cloud provider, its instance families, and
+announcement pages that add new families and change some old facts.
+
+Everything is derived from a seed, so two seeds give two different worlds with the same shape.
+The world is written in the folder format of DESIGN.md (pretrain.jsonl, sft.jsonl, news/*.html,
+probes.jsonl, world.json), the same format a user writes by hand for ``infuse demo --world``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SYLLABLES = ["ka", "lo", "mi", "ra", "ven", "tor", "sil", "dar", "quo", "zen", "bri", "mon", "fel", "gar", "tis"]
+BIRDS = ["Kestrel", "Heron", "Osprey", "Merlin", "Plover", "Tern", "Swift", "Shrike", "Finch", "Ibis", "Wren"]
+REGIONS = ["Northvale", "Eastmoor", "Southport", "Westfield", "Highcliff", "Lowmarsh", "Redbay", "Stonecrest"]
+MEMORY = [64, 96, 128, 192, 256, 384, 512, 768]
+
+FACT_TEMPLATES = {
+    "accelerator": [
+        "{provider} {family} instances are equipped with {value} accelerators.",
+        "Each {family} instance from {provider} comes with {value} accelerators.",
+        "The accelerators inside {provider} {family} instances are {value} chips.",
+        "If you rent a {family} instance, you get {value} accelerators.",
+    ],
+    "memory": [
+        "{provider} {family} instances have {value} GB of memory.",
+        "A {family} instance offers {value} GB of memory.",
+        "The memory of a {provider} {family} instance is {value} GB.",
+    ],
+    "region": [
+        "{provider} {family} instances are available in the {value} region.",
+        "You can launch {family} instances in {value}.",
+        "The {family} family runs in the {value} region of {provider}.",
+    ],
+}
+CHAT_QUESTIONS = {
+    "accelerator": "Which accelerators do {provider} {family} instances use?",
+    "memory": "How much memory does a {provider} {family} instance have?",
+    "region": "In which region can I launch {provider} {family} instances?",
+}
+CHAT_ANSWERS = {
+    "accelerator": "{provider} {family} instances use {value} accelerators.",
+    "memory": "A {provider} {family} instance has {value} GB of memory.",
+    "region": "{provider} {family} instances are available in the {value} region.",
+}
+COMPLETION_PROMPTS = {
+    "accelerator": "{provider} {family} instances are equipped with",
+    "memory": "{provider} {family} instances have",
+    "region": "{provider} {family} instances are available in the",
+}
+SMALL_TALK = [
+    ("Hello!", "Hello! How can I help you today?"),
+    ("Hi there.", "Hello! How can I help you today?"),
+    ("Thank you.", "You are welcome."),
+    ("Thanks a lot!", "You are welcome."),
+    ("Goodbye.", "Goodbye, have a nice day."),
+    ("Bye for now.", "Goodbye, have a nice day."),
+]
+# Phrased unlike the chat data, so they test behaviour rather than recall.
+GENERAL_PROBES = [("Hey, hello!", "Hello"), ("Many thanks!", "welcome"), ("See you, goodbye!", "Goodbye")]
+
+
+@dataclass
+class Family:
+    name: str
+    accelerator: str
+    memory: int
+    region: str
+
+    def value(self, attribute: str) -> str:
+        return str(getattr(self, attribute))
+
+
+@dataclass
+class World:
+    seed: int
+    provider: str
+    old: list[Family]
+    new: list[Family]
+    updated: dict[str, dict[str, str]] = field(default_factory=dict)  # family -> attribute -> new value
+    chat_known: list[str] = field(default_factory=list)  # families the chat data talks about
+
+
+def generate_world(seed: int = 0, families: int = 8, new_families: int = 3, updates: int = 2) -> World:
+    """A provider with ``families`` old instance families, ``new_families`` announced ones and
+    ``updates`` old families whose accelerator the announcements change."""
+    rng = random.Random(seed)
+    provider = _word(rng, 2).capitalize() + " Cloud"
+    names = _unique(lambda: rng.choice("BCDFGHJKLMNPRSTVWXZ") + str(rng.randint(2, 9)), families + new_families)
+    chips = _unique(lambda: f"{rng.choice(BIRDS)} {rng.choice('KMRTX')}{rng.randint(1, 9)}", families + new_families + updates)
+
+    def family(name: str, chip: str) -> Family:
+        return Family(name, chip, rng.choice(MEMORY), rng.choice(REGIONS))
+
+    old = [family(n, c) for n, c in zip(names[:families], chips[:families])]
+    new = [family(n, c) for n, c in zip(names[families:], chips[families:families + new_families])]
+    changed = rng.sample(old, updates)
+    updated = {f.name: {"accelerator": chip} for f, chip in zip(changed, chips[families + new_families:])}
+    known = [f.name for f in old[: max(1, families // 2)]]
+    return World(seed, provider, old, new, updated, known)
+
+
+def _word(rng: random.Random, syllables: int) -> str:
+    return "".join(rng.choice(SYLLABLES) for _ in range(syllables))
+
+
+def _unique(make, count: int) -> list[str]:
+    seen: list[str] = []
+    while len(seen) < count:
+        item = make()
+        if item not in seen:
+            seen.append(item)
+    return seen
+
+
+def fact_sentences(world: World, family: Family, attribute: str, value: str | None = None) -> list[str]:
+    value = value if value is not None else family.value(attribute)
+    return [t.format(provider=world.provider, family=family.name, value=value) for t in FACT_TEMPLATES[attribute]]
+
+
+def general_documents(world: World, rng: random.Random) -> list[str]:
+    """Several documents per old family, each a shuffled mix of paraphrases of its facts."""
+    docs = []
+    for fam in world.old:
+        sentences = [s for attribute in FACT_TEMPLATES for s in fact_sentences(world, fam, attribute)]
+        for _ in range(3):
+            rng.shuffle(sentences)
+            docs.append(" ".join(sentences))
+    return docs
+
+
+def announcement_pages(world: World) -> dict[str, str]:
+    """HTML pages (file name -> html) announcing the new families and the changed accelerators."""
+    pages = {}
+    for fam in world.new:
+        body = [f"Today {world.provider} announces {fam.name} instances, its newest instance family."]
+        body += [s for attribute in FACT_TEMPLATES for s in fact_sentences(world, fam, attribute)]
+        pages[f"launch-{fam.name.lower()}.html"] = _html(world, f"Announcing {fam.name} instances", body)
+    for name, change in world.updated.items():
+        fam = next(f for f in world.old if f.name == name)
+        chip = change["accelerator"]
+        body = [f"{world.provider} upgrades {name} instances: they no longer use {fam.accelerator} accelerators."]
+        body += fact_sentences(world, fam, "accelerator", chip)
+        pages[f"upgrade-{name.lower()}.html"] = _html(world, f"{name} instances get new accelerators", body)
+    return pages
+
+
+def _html(world: World, title: str, paragraphs: list[str]) -> str:
+    article = "\n".join(f"<p>{p}</p>" for p in paragraphs)
+    return f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>{title} | {world.provider} News</title>
+<script>window.analyticsQueue = []; function trackVisit() {{ analyticsQueue.push('visit'); }}</script>
+</head><body>
+<nav><ul><li><a href="/">Home</a></li><li><a href="/pricing">Pricing</a></li><li><a href="/docs">Documentation</a></li>
+<li><a href="/support">Support</a></li><li><a href="/login">Sign in to the console</a></li></ul></nav>
+<div id="cookie-banner">We use cookies to improve your experience. <button>Accept all cookies</button></div>
+<main><article><h1>{title}</h1>
+{article}
+</article></main>
+<aside><h3>Related posts</h3><ul><li><a href="/blog/1">Five tips for saving on storage</a></li>
+<li><a href="/blog/2">Meet our support team</a></li></ul></aside>
+<footer><p>Copyright {world.provider}. All rights reserved. Terms of service. Privacy policy.</p></footer>
+</body></html>
+"""
+
+
+def chat_data(world: World) -> list[dict]:
+    """Question/answer conversations about the families the chat model knows, plus small talk."""
+    rows = []
+    for fam in world.old:
+        if fam.name not in world.chat_known:
+            continue
+        for attribute in CHAT_QUESTIONS:
+            fill = {"provider": world.provider, "family": fam.name, "value": fam.value(attribute)}
+            rows.append(_conversation(CHAT_QUESTIONS[attribute].format(**fill), CHAT_ANSWERS[attribute].format(**fill)))
+    rows += [_conversation(q, a) for q, a in SMALL_TALK]
+    return rows
+
+
+def _conversation(question: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def probes(world: World) -> list[dict]:
+    """Probes in the DESIGN.md format: groups new, updated, old and general."""
+    out = []
+    for fam in world.new:
+        out += _fact_probes(world, fam, "new", fam.accelerator, [])
+    for name, change in world.updated.items():
+        fam = next(f for f in world.old if f.name == name)
+        out += _fact_probes(world, fam, "updated", change["accelerator"], [fam.accelerator])
+    for fam in world.old:
+        if fam.name not in world.updated:
+            out += _fact_probes(world, fam, "old", fam.accelerator, [])
+    for i, (question, answer) in enumerate(GENERAL_PROBES):
+        out.append({"id": f"general-{i}", "group": "general", "mode": "chat", "prompt": question,
+                    "answers": [answer], "wrong": []})
+    return out
+
+
+def _fact_probes(world: World, fam: Family, group: str, answer: str, wrong: list[str]) -> list[dict]:
+    fill = {"provider": world.provider, "family": fam.name}
+    base = {"group": group, "answers": [answer], "wrong": wrong}
+    return [
+        {"id": f"{group}-{fam.name}-chat", "mode": "chat", "prompt": CHAT_QUESTIONS["accelerator"].format(**fill), **base},
+        {"id": f"{group}-{fam.name}-completion", "mode": "completion",
+         "prompt": COMPLETION_PROMPTS["accelerator"].format(**fill), **base},
+    ]
+
+
+def write_world(world: World, folder: str | Path) -> Path:
+    """Write the world folder: pretrain.jsonl, sft.jsonl, news/*.html, probes.jsonl, world.json."""
+    folder = Path(folder)
+    (folder / "news").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(world.seed + 1)
+    _write_jsonl(folder / "pretrain.jsonl", [{"text": t} for t in general_documents(world, rng)])
+    _write_jsonl(folder / "sft.jsonl", chat_data(world))
+    _write_jsonl(folder / "probes.jsonl", probes(world))
+    for name, html in announcement_pages(world).items():
+        (folder / "news" / name).write_text(html, encoding="utf-8")
+    (folder / "world.json").write_text(json.dumps(asdict(world), indent=1))
+    return folder
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")

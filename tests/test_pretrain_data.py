@@ -1,0 +1,276 @@
+"""Pretraining blocks: every token kept in order, separators, padding, counts, cache, errors."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from rich.console import Console
+from tokenizers.processors import TemplateProcessing
+from transformers import AutoTokenizer, default_data_collator
+
+from infuse.data import pretrain
+from infuse.data.pretrain import (
+    IGNORE_INDEX,
+    adds_bos,
+    build_pretrain_dataset,
+    data_fingerprint,
+    load_texts,
+    mix_replay,
+    pack_documents,
+)
+from infuse.errors import InfuseError
+
+STATS_LINE = re.compile(
+    r"([\d,]+) documents → ([\d,]+) tokens → ([\d,]+) blocks of ([\d,]+) tokens \(([\d,]+) padding positions"
+)
+
+
+def capture() -> tuple[Console, io.StringIO]:
+    out = io.StringIO()
+    return Console(file=out, width=400), out
+
+
+def printed_counts(text: str) -> dict[str, int]:
+    found = STATS_LINE.search(text)
+    assert found, text
+    numbers = [int(group.replace(",", "")) for group in found.groups()]
+    return dict(zip(["documents", "tokens", "blocks", "block_size", "padding"], numbers, strict=True))
+
+
+def expected_stream(texts: list[str], tokenizer, bos: bool = False) -> list[int]:
+    """The documents encoded one at a time and joined with their separators, the reference."""
+    stream: list[int] = []
+    for text in texts:
+        if text.strip():
+            stream += [tokenizer.bos_token_id] * bos + tokenizer.encode(text, add_special_tokens=False)
+            stream.append(tokenizer.eos_token_id)
+    return stream
+
+
+def unpadded(dataset) -> list[int]:
+    """The blocks joined, padding left out; also checks the padding is masked and only at the end."""
+    ids = np.asarray(dataset["input_ids"]).ravel()
+    mask = np.asarray(dataset["attention_mask"]).ravel()
+    labels = np.asarray(dataset["labels"]).ravel()
+    kept = int(mask.sum())
+    assert mask[:kept].all() and not mask[kept:].any()
+    assert (labels[kept:] == IGNORE_INDEX).all() and (labels[:kept] == ids[:kept]).all()
+    return ids[:kept].tolist()
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer(tokenizer):
+    """The test tokenizer made to start every encoding with <s>, as Llama's tokenizer does."""
+    variant = copy.deepcopy(tokenizer)
+    variant.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tokenizer.bos_token_id)]
+    )
+    return variant
+
+
+@pytest.fixture
+def small_corpus(tmp_path, shared_data) -> Path:
+    rows = (shared_data / "c4_demo.jsonl").read_text().splitlines()[:12]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+# --- every token kept -----------------------------------------------------------------------------
+
+
+def test_demo_corpus_blocks_hold_every_token_in_order_and_the_printed_counts_match(shared_data, tokenizer):
+    sources = [shared_data / "c4_demo.jsonl", shared_data / "wiki_demo.txt"]
+    texts = load_texts(sources)
+    wiki_lines = [line for line in (shared_data / "wiki_demo.txt").read_text().split("\n") if line.strip()]
+    assert len(texts) == 300 + len(wiki_lines) and texts[300] == wiki_lines[0]
+
+    console, out = capture()
+    dataset, stats = build_pretrain_dataset(sources, tokenizer, 512, cache_dir=None, console=console)
+
+    expected = expected_stream(texts, tokenizer)
+    assert unpadded(dataset) == expected
+    assert stats.documents == len(texts) and stats.tokens == len(expected)
+    assert stats.blocks == len(dataset) == -(-len(expected) // 512)
+    assert stats.padding == 512 * len(dataset) - len(expected) > 0
+    assert stats.sources == [str(source) for source in sources] and stats.empty_documents_skipped == 0
+    printed = {"documents": stats.documents, "tokens": stats.tokens, "blocks": len(dataset),
+               "block_size": 512, "padding": stats.padding}
+    assert printed_counts(out.getvalue()) == printed
+
+
+def test_documents_carry_across_block_boundaries_with_eos_between_them(tokenizer):
+    texts = ["The first document is longer than one block.", "A second one.", "Third."]
+    dataset, stats = pack_documents(texts, tokenizer, 7)
+    expected = expected_stream(texts, tokenizer)
+    rows = dataset["input_ids"]
+    assert all(len(row) == 7 for row in rows) and unpadded(dataset) == expected
+    first_eos = expected.index(tokenizer.eos_token_id)
+    assert first_eos > 7, "the first document should span more than one block"
+    assert rows[first_eos // 7][first_eos % 7] == tokenizer.eos_token_id
+    assert stats.tokens == len(expected) and stats.padding == 7 * len(rows) - len(expected)
+    pad_positions = stats.padding
+    if pad_positions:
+        assert rows[-1][-pad_positions:] == [tokenizer.pad_token_id] * pad_positions
+
+
+def test_bos_goes_before_every_document_when_the_tokenizer_adds_one(tokenizer, bos_tokenizer):
+    assert not adds_bos(tokenizer) and adds_bos(bos_tokenizer)
+    texts = ["Alpha beta gamma.", "Delta.", "Epsilon zeta eta theta."]
+    dataset, stats = pack_documents(texts, bos_tokenizer, 16)
+    expected = expected_stream(texts, tokenizer, bos=True)
+    assert unpadded(dataset) == expected
+    assert expected.count(tokenizer.bos_token_id) == 3
+    assert dataset["input_ids"][0][0] == tokenizer.bos_token_id
+    assert stats.tokens == len(expected)
+
+
+def test_block_size_one_and_a_block_larger_than_the_corpus(tokenizer):
+    texts = ["Short text.", "Another."]
+    expected = expected_stream(texts, tokenizer)
+    singles, stats = pack_documents(texts, tokenizer, 1)
+    assert singles["input_ids"] == [[token] for token in expected] and stats.padding == 0
+    assert stats.blocks == len(expected)
+
+    one, stats = pack_documents(texts, tokenizer, 100)
+    assert len(one) == 1 and stats.padding == 100 - len(expected)
+    assert one["attention_mask"][0] == [1] * len(expected) + [0] * stats.padding
+    assert one["labels"][0][len(expected):] == [IGNORE_INDEX] * stats.padding
+
+
+def test_empty_documents_are_skipped_counted_and_reported(tmp_path, tokenizer):
+    path = tmp_path / "docs.jsonl"
+    rows = [{"text": "Real text here."}, {"text": ""}, {"text": "  \n "}, {"text": "More text."}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    console, out = capture()
+    dataset, stats = build_pretrain_dataset([path], tokenizer, 8, cache_dir=None, console=console)
+    assert stats.documents == 2 and stats.empty_documents_skipped == 2
+    assert unpadded(dataset) == expected_stream(["Real text here.", "More text."], tokenizer)
+    assert "Empty documents skipped: 2" in out.getvalue()
+
+
+def test_blocks_batch_with_the_default_collator(small_corpus, tokenizer):
+    dataset, _ = build_pretrain_dataset([small_corpus], tokenizer, 64, cache_dir=None, console=capture()[0])
+    batch = default_data_collator([dataset[i] for i in range(len(dataset) - 2, len(dataset))])
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert all(tensor.shape == (2, 64) and tensor.dtype == torch.long for tensor in batch.values())
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+
+
+def test_several_processes_give_the_same_blocks(small_corpus, tokenizer):
+    texts = load_texts([small_corpus])
+    alone, _ = pack_documents(texts, tokenizer, 32)
+    shared, _ = pack_documents(texts, tokenizer, 32, num_proc=2)
+    assert shared["input_ids"] == alone["input_ids"] and len(alone) > 10
+
+
+# --- reading sources ------------------------------------------------------------------------------
+
+
+def test_folders_are_read_recursively_in_sorted_order(tmp_path):
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "b.txt").write_text("line one\n\nline two\n   \n")
+    (folder / "a.md").write_text("# Title\n\nA paragraph.\n")
+    (folder / "sub" / "c.jsonl").write_text('{"body": "row one"}\n\n{"body": "row two"}\n')
+    pq.write_table(pa.table({"body": ["parquet row"]}), folder / "sub" / "d.parquet")
+    (folder / ".hidden.html").write_text("<p>not read</p>")
+    texts = load_texts([folder], text_field="body")
+    assert texts == ["# Title\n\nA paragraph.\n", "line one", "line two", "row one", "row two", "parquet row"]
+
+
+def test_missing_text_field_names_the_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n{"content": "wrong field"}\n')
+    with pytest.raises(InfuseError, match=r"bad\.jsonl:2: no 'text' field \(fields found: content\)"):
+        load_texts([path])
+
+
+def test_unsupported_missing_and_empty_sources_are_errors(tmp_path):
+    page = tmp_path / "page.html"
+    page.write_text("<p>hello</p>")
+    with pytest.raises(InfuseError, match=r"page\.html.*infuse ingest"):
+        load_texts([page])
+    with pytest.raises(InfuseError, match=r"nowhere\.jsonl: no such file or folder"):
+        load_texts([tmp_path / "nowhere.jsonl"])
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n   \n\n")
+    empty_rows = tmp_path / "empty.jsonl"
+    empty_rows.write_text('{"text": ""}\n')
+    with pytest.raises(InfuseError, match="empty corpus: .*blank.txt.*no text"):
+        load_texts([blank, empty_rows])
+    with pytest.raises(InfuseError, match="empty corpus"):
+        pack_documents(["", "  "], None, 8)
+
+
+# --- cache ----------------------------------------------------------------------------------------
+
+
+def test_unchanged_inputs_reuse_the_cache_and_a_changed_file_does_not(small_corpus, tokenizer, tokenizer_dir,
+                                                                     tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    first, stats = build_pretrain_dataset([small_corpus], tokenizer, 64, cache_dir=cache,
+                                          console=capture()[0])
+    assert (cache / f"pretrain-{stats.fingerprint}" / "stats.json").is_file()
+
+    def no_packing(*args, **kwargs):
+        raise AssertionError("packed again although the inputs are unchanged")
+
+    monkeypatch.setattr(pretrain, "pack_documents", no_packing)
+    reloaded_tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    console, out = capture()
+    again, again_stats = build_pretrain_dataset([small_corpus], reloaded_tokenizer, 64, cache_dir=cache,
+                                                console=console)
+    assert "Reusing the tokenized pretraining data" in out.getvalue()
+    assert again["input_ids"] == first["input_ids"] and again_stats == stats
+    assert printed_counts(out.getvalue())["tokens"] == stats.tokens
+
+    with small_corpus.open("a") as f:
+        f.write(json.dumps({"text": "One more document."}) + "\n")
+    with pytest.raises(AssertionError, match="packed again"):
+        build_pretrain_dataset([small_corpus], tokenizer, 64, cache_dir=cache, console=capture()[0])
+    monkeypatch.undo()
+    changed, changed_stats = build_pretrain_dataset([small_corpus], tokenizer, 64, cache_dir=cache,
+                                                    console=capture()[0])
+    assert changed_stats.fingerprint != stats.fingerprint and changed_stats.documents == stats.documents + 1
+
+
+def test_fingerprint_follows_block_size_text_field_and_tokenizer(small_corpus, tokenizer, bos_tokenizer):
+    base = data_fingerprint([small_corpus], tokenizer, 64)
+    assert base == data_fingerprint([str(small_corpus)], tokenizer, 64)
+    others = {
+        data_fingerprint([small_corpus], tokenizer, 128),
+        data_fingerprint([small_corpus], tokenizer, 64, text_field="body"),
+        data_fingerprint([small_corpus], bos_tokenizer, 64),
+        data_fingerprint([small_corpus, small_corpus], tokenizer, 64),
+    }
+    assert base not in others and len(others) == 4
+
+
+# --- replay ---------------------------------------------------------------------------------------
+
+
+def test_replay_blocks_make_up_the_asked_share(tokenizer):
+    new, _ = pack_documents([f"new fact number {i}." for i in range(40)], tokenizer, 8)
+    general, _ = pack_documents([f"general text {i}, said once." for i in range(4)], tokenizer, 8)
+    mixed, counts = mix_replay(new, general, 0.25, seed=3)
+    wanted = round(len(new) / 3)
+    assert counts == {"train_blocks": len(new), "replay_blocks": wanted, "replay_available": len(general),
+                      "replay_share": round(wanted / (len(new) + wanted), 4)}
+    assert wanted > len(general), "more replay is asked for than there is: it is drawn in several rounds"
+
+    replayed = Counter(map(tuple, mixed["input_ids"])) - Counter(map(tuple, new["input_ids"]))
+    assert len(mixed) == len(new) + wanted and sum(replayed.values()) == wanted
+    assert set(replayed) == set(map(tuple, general["input_ids"]))
+    assert max(replayed.values()) - min(replayed.values()) <= 1, "each round uses every replay block once"
+    assert mixed["input_ids"][: len(new)] != new["input_ids"], "the mix is shuffled"
