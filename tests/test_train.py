@@ -56,8 +56,8 @@ def pretrained(tmp_path_factory, shared_data, tiny_llama_config_path, tokenizer_
     config = config_from_dict({
         "model_config": str(tiny_llama_config_path), "tokenizer_name_or_path": str(tokenizer_dir),
         "dataset": [str(shared_data / "wiki_demo.txt")], "finetuning_type": "full", "block_size": 128,
-        "output_dir": str(out), "max_steps": 80, "per_device_train_batch_size": 8, "learning_rate": 5e-3,
-        "warmup_steps": 5, "logging_steps": 5, "logging_first_step": True, "save_steps": 1000,
+        "output_dir": str(out), "max_steps": 300, "per_device_train_batch_size": 8, "learning_rate": 3e-3,
+        "warmup_steps": 10, "logging_steps": 10, "logging_first_step": True, "save_steps": 1000,
         "cache_dir": str(out / "cache"), "report_to": "none",
     })
     return {"manifest": run(config, quiet()), "dir": out}

@@ -50,6 +50,14 @@ def cmd_preflight(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+# >>> merge / serve / chat commands
+# <<< merge / serve / chat commands
+
+
+# >>> eval / probes commands
+# <<< eval / probes commands
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from infuse.demo import run_demo
 
@@ -86,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text, description=f"{text}; --key value overrides any config key")
         sub.add_argument("config", nargs="?", help="YAML recipe")
         sub.set_defaults(func=func, takes_overrides=True)
+
+    # >>> merge / serve / chat parsers
+    # <<< merge / serve / chat parsers
+
+    # >>> eval / probes parsers
+    # <<< eval / probes parsers
 
     demo = commands.add_parser("demo", help="the whole experiment end to end on CPU")
     demo.add_argument("--output", default="out/demo")
