@@ -274,3 +274,28 @@ def test_replay_blocks_make_up_the_asked_share(tokenizer):
     assert set(replayed) == set(map(tuple, general["input_ids"]))
     assert max(replayed.values()) - min(replayed.values()) <= 1, "each round uses every replay block once"
     assert mixed["input_ids"][: len(new)] != new["input_ids"], "the mix is shuffled"
+
+
+def test_isolated_documents_give_each_document_the_logits_it_has_alone(tokenizer, tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    from infuse.data.pretrain import DocumentCollator
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    texts = ["The first document is about ferries.", "A second one, about trains and tickets.", "Third."]
+    dataset, _ = pack_documents(texts, tokenizer, block_size=48)
+    batch = DocumentCollator(tokenizer.eos_token_id)(list(dataset))
+    assert "attention_mask" not in batch
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+        shared = model(input_ids=batch["input_ids"]).logits[0]
+    start = 0
+    for text in texts:
+        ids = tokenizer(text).input_ids + [tokenizer.eos_token_id]
+        with torch.no_grad():
+            alone = model(input_ids=torch.tensor([ids])).logits[0]
+        end = min(start + len(ids), packed.shape[0])
+        assert torch.allclose(packed[start:end], alone[: end - start], atol=1e-5)
+        if start > 0:  # without isolation a later document sees the earlier ones
+            assert not torch.allclose(shared[start:end], alone[: end - start], atol=1e-3)
+        start = end

@@ -47,14 +47,115 @@ def cmd_preflight(args: argparse.Namespace) -> None:
 
     ok = preflight(load_config(args.config, args.overrides), console)
     if not ok:
-        raise SystemExit(1)
+        raise SystemExit(2)  # like any problem the user can fix (InfuseError)
 
 
 # >>> merge / serve / chat commands
+def cmd_merge(args: argparse.Namespace) -> None:
+    from infuse.merge import merge
+
+    merge(args.adapter, args.output, args.base, device=args.device, into=args.merge_into, console=console)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from infuse.serve import ServeOptions
+    from infuse.serve.registry import parse_model_specs
+
+    models = parse_model_specs(args.model)
+    options = ServeOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeOptions)})
+    if args.engine == "vllm":
+        from infuse.serve.vllm import run_vllm
+
+        sys.exit(run_vllm(models, options, console))
+    from infuse.serve import serve_forever
+
+    serve_forever(models, options, console)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from infuse.chat import chat
+
+    chat(args.spec, console, system=args.system, max_new_tokens=args.max_new_tokens,
+         temperature=args.temperature, top_p=args.top_p, seed=args.seed, device=args.device, dtype=args.dtype)
+
+
+def add_serve_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per ServeOptions field (--max-batch-size for max_batch_size), its help from the field."""
+    import dataclasses
+    import os
+
+    from infuse.serve import ServeOptions
+
+    for field in dataclasses.fields(ServeOptions):
+        flag, text = "--" + field.name.replace("_", "-"), field.metadata["help"]
+        if isinstance(field.default, bool):
+            parser.add_argument(flag, action="store_true", help=text)
+        elif field.name == "api_key":
+            parser.add_argument(flag, default=os.environ.get("INFUSE_API_KEY"), help=text)
+        else:
+            kind = type(field.default) if field.default is not None else str
+            parser.add_argument(flag, type=kind, default=field.default,
+                                help=f"{text} (default {field.default})")
 # <<< merge / serve / chat commands
 
 
 # >>> eval / probes commands
+def cmd_eval(args: argparse.Namespace) -> None:
+    from infuse.evaluate import EvalSettings, GenerationSettings, evaluate
+    from infuse.evaluate.report import print_summary
+
+    settings = EvalSettings(
+        generation=GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                      top_p=args.top_p, seed=args.seed),
+        batch_size=args.batch_size, block_size=args.block_size, heldout_max_blocks=args.heldout_max_blocks,
+        dtype=args.dtype, device=args.device,
+        api_key=args.api_key, timeout=args.timeout, lm_eval_tasks=_task_list(args.lm_eval),
+        lm_eval_include=args.lm_eval_include, lm_eval_limit=args.lm_eval_limit,
+    )
+    report = evaluate(_named(args.model, "--model"), args.probes, args.output, settings,
+                      modes=_named(args.only or [], "--only"), heldout=args.heldout, runs=args.runs,
+                      gates=args.fail_if, console=console)
+    print_summary(report, console)
+    failed = [gate for gate in report["gates"] if gate["failed"]]
+    for gate in report["gates"]:
+        names = ", ".join(f"{k} = {v:.6g}" for k, v in gate["values"].items())
+        line = f"{gate['condition']}  [{gate['left']:.6g} vs {gate['right']:.6g}; {names}]"
+        if gate["failed"]:
+            err_console.print(f"[bold red]gate failed:[/bold red] {line}", highlight=False)
+        else:
+            console.print(f"gate ok: {line}", highlight=False)
+    if failed:
+        raise SystemExit(3)
+
+
+def _named(pairs: list[str], flag: str) -> dict[str, str]:
+    """``["NAME=VALUE", ...]`` → ``{NAME: VALUE}``, refusing pairs without a name and repeated names."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name or not value:
+            raise InfuseError(f"{flag} {pair}: expected NAME=VALUE, e.g. {flag} chat=out/chat+out/adapter.")
+        if name in out:
+            raise InfuseError(f"{flag}: the name {name} is given twice; every model needs its own name.")
+        out[name] = value
+    return out
+
+
+def _task_list(text: str | None) -> list[str]:
+    return [task.strip() for task in (text or "").split(",") if task.strip()]
+
+
+def cmd_probes_make(args: argparse.Namespace) -> None:
+    from infuse.evaluate import make_probes, write_probes
+
+    probes = make_probes(args.documents, max_probes=args.max, group=args.group, text_field=args.text_field)
+    if not probes:
+        raise InfuseError(f"No sentence of {', '.join(args.documents)} ends in a name or a number, so "
+                          "there is nothing to make cloze probes from. Write probes by hand (see DESIGN.md).")
+    write_probes(probes, args.output)
+    console.print(f"Wrote {len(probes)} cloze probes (group {args.group}) to [bold]{args.output}[/bold].")
 # <<< eval / probes commands
 
 
@@ -96,9 +197,75 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=func, takes_overrides=True)
 
     # >>> merge / serve / chat parsers
+    mrg = commands.add_parser("merge", help="fold a LoRA/QLoRA adapter into its base, checked")
+    mrg.add_argument("--adapter", required=True, help="adapter dir (a lora or qlora run's output_dir)")
+    mrg.add_argument("--base", default=None, help="base model dir (default: the one the run recorded)")
+    mrg.add_argument("--output", "-o", required=True, help="new dir for the merged model")
+    mrg.add_argument("--device", default=None, help="cpu, cuda, ... (default: the GPU when there is one)")
+    mrg.add_argument("--merge-into", choices=["dequantized", "original"], default="dequantized",
+                     help="QLoRA: merge into the dequantized 4-bit base the adapter was trained on "
+                          "(default), or into the original weights")
+    mrg.set_defaults(func=cmd_merge)
+
+    srv = commands.add_parser("serve", help="HTTP server (TGI and OpenAI routes) for models and adapters")
+    srv.add_argument("--model", action="append", required=True, metavar="NAME=PATH[+ADAPTER]",
+                     help="a model to serve; repeat for more (adapters on one base share it)")
+    srv.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
+                     help="the built-in batching engine, or hand the models to vLLM")
+    add_serve_options(srv)
+    srv.set_defaults(func=cmd_serve)
+
+    cht = commands.add_parser("chat", help="chat with a model in the terminal")
+    cht.add_argument("spec", metavar="PATH[+ADAPTER]")
+    cht.add_argument("--system", default=None, help="system prompt")
+    cht.add_argument("--max-new-tokens", type=int, default=256)
+    cht.add_argument("--temperature", type=float, default=0.7, help="<= 0.01 is greedy")
+    cht.add_argument("--top-p", type=float, default=0.9)
+    cht.add_argument("--seed", type=int, default=None)
+    cht.add_argument("--device", default=None)
+    cht.add_argument("--dtype", default="auto")
+    cht.set_defaults(func=cmd_chat)
     # <<< merge / serve / chat parsers
 
     # >>> eval / probes parsers
+    ev = commands.add_parser("eval", help="compare models on probes, perplexity and chat format → report",
+                             description="Compare models on probes; writes report.json, .md and .html.")
+    ev.add_argument("--model", action="append", required=True, metavar="NAME=PATH[+ADAPTER]|NAME=URL",
+                    help="a model dir (with an adapter after '+') or a server URL (http://host:port[/v1|/generate]"
+                         "[#served-model]); repeat for each model")
+    ev.add_argument("--probes", required=True, help="probes.jsonl (see DESIGN.md)")
+    ev.add_argument("--output", "-o", required=True, help="folder for report.json, report.md, report.html")
+    ev.add_argument("--only", action="append", metavar="NAME=chat|completion",
+                    help="ask model NAME only probes of this mode (default: every model gets every probe)")
+    ev.add_argument("--heldout", nargs="+", default=[], metavar="FILE",
+                    help="held-out text (.txt lines, .md, .jsonl/.json/.parquet rows) for perplexity")
+    ev.add_argument("--runs", nargs="+", default=[], metavar="DIR", help="training output dirs: loss curves")
+    ev.add_argument("--max-new-tokens", type=int, default=200)
+    ev.add_argument("--temperature", type=float, default=0.01, help="at or below 0.01 decoding is greedy")
+    ev.add_argument("--top-p", type=float, default=0.9)
+    ev.add_argument("--seed", type=int, default=0, help="seed for sampled decoding")
+    ev.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
+    ev.add_argument("--block-size", type=int, default=512, help="tokens per held-out block")
+    ev.add_argument("--heldout-max-blocks", type=int, default=None, help="perplexity on N blocks at most")
+    ev.add_argument("--dtype", default=None, help="local weights dtype (default: as saved)")
+    ev.add_argument("--device", default=None, help="local device (default: cuda when available)")
+    ev.add_argument("--api-key", default=None, help="bearer token for endpoints (default: $INFUSE_API_KEY)")
+    ev.add_argument("--timeout", type=float, default=300.0, help="seconds per endpoint answer")
+    ev.add_argument("--lm-eval", default=None, metavar="TASKS", help="comma-separated lm-eval tasks")
+    ev.add_argument("--lm-eval-include", default=None, metavar="DIR", help="folder of lm-eval task YAMLs")
+    ev.add_argument("--lm-eval-limit", type=float, default=None, help="examples per lm-eval task")
+    ev.add_argument("--fail-if", action="append", default=[], metavar="CONDITION",
+                    help="exit 3 when it holds, e.g. 'chat_ft.old.accuracy < 0.95 * chat.old.accuracy'")
+    ev.set_defaults(func=cmd_eval)
+
+    probes = commands.add_parser("probes", help="probe tools").add_subparsers(dest="action", required=True)
+    make = probes.add_parser("make", help="cloze probes from documents")
+    make.add_argument("documents", nargs="+", metavar="DOCS", help="documents.jsonl (infuse ingest) or text")
+    make.add_argument("--output", "-o", required=True)
+    make.add_argument("--max", type=int, default=None, help="at most this many probes")
+    make.add_argument("--group", default="new", help="group name of the probes (default: new)")
+    make.add_argument("--text-field", default="text")
+    make.set_defaults(func=cmd_probes_make)
     # <<< eval / probes parsers
 
     demo = commands.add_parser("demo", help="the whole experiment end to end on CPU")

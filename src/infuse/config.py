@@ -21,6 +21,7 @@ STAGES = ("pt", "sft")
 FINETUNING_TYPES = ("full", "lora", "qlora")
 OVERLONG_POLICIES = ("truncate", "drop", "error")
 BAD_ROW_POLICIES = ("error", "skip")
+PADDING_SIDES = ("right", "left")
 
 # Keys users know from transformers 4.x / LLaMA-Factory that TrainingArguments 5.x renamed.
 TRAINING_ALIASES: dict[str, tuple[str, Any]] = {
@@ -74,11 +75,21 @@ class TrainConfig:
     quantization_type: str = _help("qlora: nf4 | fp4.", "nf4")
     double_quantization: bool = _help("qlora: quantize the quantization constants too.", True)
     block_size: int = _help("pt: tokens per training block.", 2048)
+    isolate_documents: bool = _help(
+        "pt: each token attends only to its own document within a block (position ids restart after "
+        "every EOS, as in Llama 3 pretraining); false lets attention cross document boundaries, as "
+        "classic group_texts packing does.", True)
     cutoff_len: int = _help("sft: longest sample in tokens; see `overlong`.", 2048)
     overlong: str = _help("sft: truncate | drop | error for samples over cutoff_len.", "error")
     bad_rows: str = _help("sft: error | skip for malformed rows (skipped rows are counted).", "error")
     template: str = _help("sft: auto = the tokenizer's chat template; or llama2 | chatml.", "auto")
     packing: bool = _help("sft: padding-free packing (no attention across samples).", True)
+    pad_token: str | None = _help(
+        "Pad token: unset keeps the tokenizer's (or takes unk, else eos, when it has none); 'eos', 'unk' or "
+        "a token of the vocabulary such as '<pad>'. Padding is masked by position, so pad = eos still "
+        "trains the eos that ends each answer.")
+    padding_side: str = _help("right | left: where padded batches (packing: false) put the padding; "
+                              "saved with the tokenizer.", "right")
     placeholders: dict[str, str] = _help("sft: values for {{name}} placeholders in the data.", factory=dict)
     replay_dataset: list[str] = _help("pt: general text mixed in against forgetting.", factory=list)
     replay_ratio: float = _help("pt: share of training blocks drawn from replay_dataset (0.2 = one in five).", 0.0)
@@ -98,9 +109,8 @@ class TrainConfig:
 
     def training_arguments(self):
         """Build ``transformers.TrainingArguments`` from the training keys."""
-        from transformers import TrainingArguments
-
         import torch
+        from transformers import TrainingArguments
 
         kwargs = dict(self.training)
         if not torch.cuda.is_available() and not torch.backends.mps.is_available():
@@ -110,6 +120,11 @@ class TrainConfig:
             return TrainingArguments(**kwargs)
         except (ValueError, TypeError) as e:
             raise InfuseError(f"Invalid training arguments: {e}") from None
+        except ImportError:  # PackageNotFoundError too: a key that needs a package not installed
+            if kwargs.get("deepspeed"):
+                raise InfuseError(f"deepspeed: {kwargs['deepspeed']} is set, but DeepSpeed is not installed "
+                                  "(pip install deepspeed). Or train without it: --deepspeed null.") from None
+            raise
 
 
 def own_keys() -> set[str]:
@@ -243,6 +258,7 @@ def _validate(config: TrainConfig) -> list[str]:
         "finetuning_type": FINETUNING_TYPES,
         "overlong": OVERLONG_POLICIES,
         "bad_rows": BAD_ROW_POLICIES,
+        "padding_side": PADDING_SIDES,
     }
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:

@@ -1,5 +1,10 @@
-"""``infuse demo``: build a world, pretrain a tiny base model on it, ingest announcement pages
-over HTTP, infuse them with QLoRA continued pretraining, and show what the model learned.
+"""``infuse demo``: the four-model knowledge-infusion experiment, end to end on a CPU.
+
+A world (generated, or a folder the user wrote) gives a general corpus, chat data, announcement
+pages and probes. The demo trains a tokenizer, pretrains a tiny base model, fine-tunes it into a
+chat model, ingests the announcement pages over HTTP, infuses them into both models with QLoRA
+continued pretraining, serves the four models from one ``infuse serve`` process, asks each its
+probes over HTTP and writes the comparison report.
 
 Each stage writes to its own folder under ``--output`` and is skipped when it already finished,
 so a rerun picks up where the last one stopped.
@@ -13,86 +18,252 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields, replace
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
-from infuse.config import config_from_dict
+from infuse.config import TrainConfig, config_from_dict
+from infuse.errors import InfuseError
 from infuse.world import generate_world, write_world
 
-# A 4-layer Llama of about 1M parameters: big enough to learn the world, small enough for a CPU.
-DEMO_MODEL = {
-    "model_type": "llama", "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
-    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "vocab_size": 1024,
-}
+WORLD_FILES = ("pretrain.jsonl", "sft.jsonl", "probes.jsonl")
+GROUP_ORDER = ["new", "updated", "old", "general"]
 
 
-def run_demo(output: str | Path = "out/demo", quick: bool = False, seed: int = 0,
-             console: Console | None = None) -> dict:
-    """Run every stage and return the before/after table as a dict."""
+@dataclass
+class DemoSettings:
+    """Sizes and training settings of the demo; a world.json ``settings`` object overrides them."""
+
+    hidden_size: int = 128
+    """Width of the tiny Llama built from scratch (4 heads, 2 key/value heads)."""
+    layers: int = 4
+    vocab_size: int = 1024
+    """Entries of the byte-level BPE tokenizer trained on the world's corpus."""
+    pretrain_epochs: int = 60
+    pretrain_lr: float = 3e-3
+    sft_epochs: int = 20
+    sft_lr: float = 3e-3
+    infuse_epochs: int = 60
+    infuse_lr: float = 3e-3
+    lora_rank: int = 16
+    replay_ratio: float = 0.5
+    """Share of general text blocks mixed into the infusion data, against forgetting."""
+    max_new_tokens: int = 24
+    """Answers in the demo worlds are one sentence; the seed's 200 would only add time."""
+
+
+QUICK = DemoSettings(pretrain_epochs=30, sft_epochs=10, infuse_epochs=30)
+
+
+def run_demo(
+    output: str | Path = "out/demo",
+    quick: bool = False,
+    world: str | Path | None = None,
+    base: str | None = None,
+    chat: str | None = None,
+    seed: int = 0,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Run every stage; return the report (also written to ``output/report``)."""
     console = console or Console()
     out = Path(output)
     timings: dict[str, float] = {}
 
-    def stage(name: str, func: Callable[[], object]):
+    def stage(name: str, func: Callable[[], Any]) -> Any:
         console.rule(f"[bold]{name}")
         started = time.time()
         result = func()
         timings[name] = round(time.time() - started, 1)
         return result
 
-    world_dir = stage("world", lambda: write_world(generate_world(seed), out / "world"))
-    stage("tokenizer", lambda: build_tokenizer(world_dir, out / "tokenizer"))
-    stage("pretrain base", lambda: train_once(pretrain_config(out, quick), console))
+    world_dir = stage("world", lambda: prepare_world(world, out / "world", seed))
+    settings = demo_settings(world_dir, quick)
+    if base or chat:
+        if not (base and chat):
+            raise InfuseError("--base and --chat go together: give both your base model and its chat model.")
+        models = {"base": base, "chat": chat}
+    else:
+        stage("tokenizer", lambda: build_tokenizer(world_dir, out / "tokenizer", settings))
+        stage("pretrain base", lambda: train_once(pretrain_config(out, world_dir, settings), console))
+        stage("fine-tune chat", lambda: train_once(sft_config(out, world_dir, settings), console))
+        models = {"base": str(out / "base"), "chat": str(out / "chat")}
     docs = stage("ingest pages", lambda: ingest_pages(world_dir / "news", out / "news.jsonl", console))
-    stage("infuse (QLoRA)", lambda: train_once(infuse_config(out, docs, world_dir, quick), console))
-    results = stage("compare", lambda: compare(out, world_dir, console))
+    for name in ("base", "chat"):
+        stage(
+            f"infuse {name}",
+            lambda name=name: train_once(
+                infuse_config(models[name], out / f"{name}-infused", docs, world_dir, settings), console
+            ),
+        )
+    specs = {
+        **models,
+        **{f"{name}+infused": f"{path}+{out / f'{name}-infused'}" for name, path in models.items()},
+    }
+    runs = {
+        "base": out / "base",
+        "chat": out / "chat",
+        **{f"{n}+infused": out / f"{n}-infused" for n in models},
+    }
+    report = stage(
+        "serve and evaluate",
+        lambda: evaluate_models(specs, world_dir, out / "report", runs, settings, console),
+    )
     console.print("Stage times (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()))
-    (out / "demo.json").write_text(json.dumps({"results": results, "timings": timings}, indent=1))
-    return results
+    (out / "demo.json").write_text(
+        json.dumps({"timings": timings, "settings": asdict(settings), "models": specs}, indent=1)
+    )
+    return report
 
 
-def build_tokenizer(world_dir: Path, output: Path) -> None:
+# ---------------------------------------------------------------- world
+
+
+def prepare_world(world: str | Path | None, target: Path, seed: int) -> Path:
+    """The user's world folder, checked; or a generated one written to ``target``."""
+    if world is None:
+        return (
+            write_world(generate_world(seed), target) if not (target / "probes.jsonl").is_file() else target
+        )
+    folder = Path(world).expanduser()
+    missing = [name for name in WORLD_FILES if not (folder / name).is_file()]
+    if not (folder / "news").is_dir() or not any((folder / "news").glob("*.html")):
+        missing.append("news/*.html")
+    if missing:
+        raise InfuseError(
+            f"World folder {folder} lacks {', '.join(missing)}. A world folder holds "
+            "pretrain.jsonl, sft.jsonl, news/*.html and probes.jsonl (see DESIGN.md)."
+        )
+    return folder
+
+
+def demo_settings(world_dir: Path, quick: bool) -> DemoSettings:
+    settings = QUICK if quick else DemoSettings()
+    meta = world_dir / "world.json"
+    overrides = json.loads(meta.read_text()).get("settings", {}) if meta.is_file() else {}
+    known = {f.name for f in fields(DemoSettings)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise InfuseError(
+            f"{meta}: unknown settings {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}."
+        )
+    return replace(settings, **overrides)
+
+
+# ---------------------------------------------------------------- training stages
+
+
+def build_tokenizer(world_dir: Path, output: Path, settings: DemoSettings) -> None:
     from infuse.tokenizer import train_tokenizer
 
     if not (output / "tokenizer.json").is_file():
-        train_tokenizer([world_dir / "pretrain.jsonl"], DEMO_MODEL["vocab_size"], output)
+        train_tokenizer([world_dir / "pretrain.jsonl"], settings.vocab_size, output)
 
 
-def pretrain_config(out: Path, quick: bool):
-    (out / "model.json").write_text(json.dumps(DEMO_MODEL))
-    return config_from_dict({
-        "model_config": str(out / "model.json"), "tokenizer_name_or_path": str(out / "tokenizer"),
-        "dataset": [str(out / "world" / "pretrain.jsonl")], "finetuning_type": "full", "block_size": 128,
-        "output_dir": str(out / "base"), "num_train_epochs": 30 if quick else 60,
-        "per_device_train_batch_size": 8, "learning_rate": 3e-3, "warmup_steps": 0.05,
-        "logging_steps": 20, "save_steps": 200, "cache_dir": str(out / "cache"), "report_to": "none",
-    })
+def model_config(out: Path, settings: DemoSettings) -> Path:
+    path = out / "model.json"
+    path.write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "hidden_size": settings.hidden_size,
+                "intermediate_size": 3 * settings.hidden_size,
+                "num_hidden_layers": settings.layers,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 512,
+                "rms_norm_eps": 1e-6,
+                "tie_word_embeddings": False,
+                "vocab_size": settings.vocab_size,
+            }
+        )
+    )
+    return path
 
 
-def infuse_config(out: Path, docs: Path, world_dir: Path, quick: bool):
-    return config_from_dict({
-        "model_name_or_path": str(out / "base"), "dataset": [str(docs)], "finetuning_type": "qlora",
-        "lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.0, "block_size": 64,
-        "replay_dataset": [str(world_dir / "pretrain.jsonl")], "replay_ratio": 0.2,
-        "output_dir": str(out / "base-infused"), "num_train_epochs": 20 if quick else 40,
-        "per_device_train_batch_size": 4, "learning_rate": 3e-3, "lr_scheduler_type": "constant",
-        "warmup_steps": 0, "logging_steps": 20, "save_steps": 200, "cache_dir": str(out / "cache"),
+def common(output_dir: Path, cache: Path) -> dict[str, Any]:
+    return {
+        "output_dir": str(output_dir),
+        "cache_dir": str(cache),
         "report_to": "none",
-    })
+        "logging_steps": 20,
+        "save_steps": 500,
+        "save_total_limit": 1,
+    }
 
 
-def train_once(config, console: Console) -> None:
+def pretrain_config(out: Path, world_dir: Path, settings: DemoSettings) -> TrainConfig:
+    return config_from_dict(
+        {
+            **common(out / "base", out / "cache"),
+            "model_config": str(model_config(out, settings)),
+            "tokenizer_name_or_path": str(out / "tokenizer"),
+            "dataset": [str(world_dir / "pretrain.jsonl")],
+            "finetuning_type": "full",
+            "block_size": 128,
+            "num_train_epochs": settings.pretrain_epochs,
+            "per_device_train_batch_size": 8,
+            "learning_rate": settings.pretrain_lr,
+            "warmup_steps": 0.05,
+        }
+    )
+
+
+def sft_config(out: Path, world_dir: Path, settings: DemoSettings) -> TrainConfig:
+    return config_from_dict(
+        {
+            **common(out / "chat", out / "cache"),
+            "stage": "sft",
+            "model_name_or_path": str(out / "base"),
+            "dataset": [str(world_dir / "sft.jsonl")],
+            "finetuning_type": "full",
+            "cutoff_len": 256,
+            "num_train_epochs": settings.sft_epochs,
+            "per_device_train_batch_size": 8,
+            "learning_rate": settings.sft_lr,
+            "warmup_steps": 0.05,
+        }
+    )
+
+
+def infuse_config(
+    model: str, output_dir: Path, docs: Path, world_dir: Path, settings: DemoSettings
+) -> TrainConfig:
+    """QLoRA continued pretraining on the ingested pages, with the general corpus replayed."""
+    return config_from_dict(
+        {
+            **common(output_dir, output_dir.parent / "cache"),
+            "model_name_or_path": model,
+            "dataset": [str(docs)],
+            "finetuning_type": "qlora",
+            "lora_rank": settings.lora_rank,
+            "lora_alpha": 2 * settings.lora_rank,
+            "lora_dropout": 0.0,
+            "block_size": 64,
+            "replay_dataset": [str(world_dir / "pretrain.jsonl")],
+            "replay_ratio": settings.replay_ratio,
+            "num_train_epochs": settings.infuse_epochs,
+            "per_device_train_batch_size": 4,
+            "learning_rate": settings.infuse_lr,
+            "lr_scheduler_type": "constant",
+            "warmup_steps": 0,
+        }
+    )
+
+
+def train_once(config: TrainConfig, console: Console) -> None:
     from infuse.train import MANIFEST, run
 
     if (Path(config.output_dir) / MANIFEST).is_file():
         console.print(f"{config.output_dir} already trained; reusing it.")
         return
     run(config, console)
+
+
+# ---------------------------------------------------------------- ingestion over HTTP
 
 
 @contextmanager
@@ -117,6 +288,9 @@ class _QuietHandler(SimpleHTTPRequestHandler):
 def ingest_pages(news: Path, output: Path, console: Console) -> Path:
     from infuse.ingest import IngestOptions, ingest, print_report
 
+    if output.is_file():
+        console.print(f"{output} already ingested; reusing it.")
+        return output
     with serve_folder(news) as url:
         urls = [f"{url}/{page.name}" for page in sorted(news.glob("*.html"))]
         report = ingest(urls, output, IngestOptions(retries=0, timeout=5), console=console)
@@ -124,47 +298,62 @@ def ingest_pages(news: Path, output: Path, console: Console) -> Path:
     return output
 
 
-def compare(out: Path, world_dir: Path, console: Console) -> dict:
-    """Greedy completions of every completion probe by the base model and the infused one."""
-    from infuse.models import load_for_inference
-
-    probes = [json.loads(line) for line in (world_dir / "probes.jsonl").read_text().splitlines()]
-    probes = [p for p in probes if p["mode"] == "completion"]
-    models = {"base": str(out / "base"), "base+infused": f"{out / 'base'}+{out / 'base-infused'}"}
-    outputs = {name: complete_all(*load_for_inference(spec), [p["prompt"] for p in probes])
-               for name, spec in models.items()}
-    return print_comparison(probes, outputs, console)
+# ---------------------------------------------------------------- serve and evaluate
 
 
-@torch.no_grad()
-def complete_all(model, tokenizer, prompts: list[str], max_new_tokens: int = 12) -> list[str]:
-    texts = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        generated = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                   pad_token_id=tokenizer.pad_token_id)
-        texts.append(tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True))
-    return texts
+def evaluate_models(
+    specs: dict[str, str],
+    world_dir: Path,
+    output: Path,
+    runs: dict[str, Path],
+    settings: DemoSettings,
+    console: Console,
+) -> dict[str, Any]:
+    """Serve the four models from one server and ask each its probes over HTTP: base models get
+    the completion probes through TGI's ``/generate`` with the seed's payload, chat models the chat
+    probes through ``/v1/chat/completions``, which applies their chat template on the server."""
+    from infuse.evaluate import EvalSettings, GenerationSettings, evaluate
+    from infuse.serve import start_server
+
+    modes = {name: "chat" if name.startswith("chat") else "completion" for name in specs}
+    eval_settings = EvalSettings(generation=GenerationSettings(max_new_tokens=settings.max_new_tokens))
+    with start_server(specs) as server:
+        console.print(f"Serving {', '.join(specs)} at [bold]{server.url}[/bold]")
+        endpoints = {
+            name: f"{server.url}/{'v1' if mode == 'chat' else 'generate'}#{name}"
+            for name, mode in modes.items()
+        }
+        report = evaluate(
+            endpoints,
+            world_dir / "probes.jsonl",
+            output,
+            eval_settings,
+            modes=modes,
+            runs={name: path for name, path in runs.items() if (path / "infuse_run.json").is_file()},
+            console=console,
+        )
+    print_four_models(report, console)
+    return report
 
 
-def print_comparison(probes: list[dict], outputs: dict[str, list[str]], console: Console) -> dict:
-    table = Table(title="What each model says (completion probes)")
-    table.add_column("group")
-    table.add_column("prompt")
-    for name in outputs:
-        table.add_column(name)
-    scores = {name: {} for name in outputs}
-    for i, probe in enumerate(probes):
+def print_four_models(report: dict[str, Any], console: Console) -> None:
+    """The experiment in one table: accuracy per probe group (and stale answers) for each model."""
+    groups = sorted(
+        {g for model in report["models"].values() for g in model["groups"]},
+        key=lambda g: (GROUP_ORDER + [g]).index(g),
+    )
+    table = Table(title="What each model knows (accuracy; stale answers in brackets)")
+    table.add_column("model")
+    for group in groups:
+        table.add_column(group, justify="right")
+    for name, model in report["models"].items():
         cells = []
-        for name, texts in outputs.items():
-            correct = any(a.lower() in texts[i].lower() for a in probe["answers"])
-            group = scores[name].setdefault(probe["group"], [0, 0])
-            group[0] += correct
-            group[1] += 1
-            cells.append(f"[{'green' if correct else 'red'}]{texts[i].strip()}")
-        table.add_row(probe["group"], probe["prompt"], *cells)
+        for group in groups:
+            metrics = model["groups"].get(group)
+            if not metrics or not metrics["n"]:
+                cells.append("-")
+                continue
+            stale = f" ({metrics['wrong_rate']:.0%})" if metrics.get("wrong_rate") else ""
+            cells.append(f"{metrics['accuracy']:.0%}{stale}")
+        table.add_row(name, *cells)
     console.print(table)
-    summary = {name: {g: round(c / n, 3) for g, (c, n) in groups.items()} for name, groups in scores.items()}
-    for name, groups in summary.items():
-        console.print(f"{name}: " + ", ".join(f"{g} {acc:.0%}" for g, acc in groups.items()))
-    return summary

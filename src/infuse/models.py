@@ -59,7 +59,11 @@ def load_tokenizer(config: TrainConfig) -> PreTrainedTokenizerBase:
             "tokenizer_name_or_path to a tokenizer dir, or train one with `infuse tokenizer train "
             "--corpus FILE --vocab-size N --output DIR`."
         )
-    return ensure_pad_token(_tokenizer_from(path, config.trust_remote_code))
+    tokenizer = _tokenizer_from(path, config.trust_remote_code)
+    if config.pad_token:
+        set_pad_token(tokenizer, config.pad_token)
+    tokenizer.padding_side = config.padding_side
+    return ensure_pad_token(tokenizer)
 
 
 def _tokenizer_from(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -74,11 +78,29 @@ def _tokenizer_from(path: str | Path, trust_remote_code: bool = False) -> PreTra
     return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
 
 
+def set_pad_token(tokenizer: PreTrainedTokenizerBase, pad_token: str) -> None:
+    """Pad with ``pad_token``: ``eos`` or ``unk`` (the tokenizer's own), or a token of the vocabulary.
+
+    A new token is refused rather than added: it would need a new embedding row that nothing trains.
+    """
+    if pad_token in ("eos", "unk"):
+        token = getattr(tokenizer, f"{pad_token}_token")
+        if token is None:
+            raise InfuseError(f"pad_token: {pad_token}, but the tokenizer has no {pad_token} token. Name a "
+                              "token of its vocabulary instead (e.g. '<pad>'), or leave pad_token unset.")
+        pad_token = token
+    if pad_token not in tokenizer.get_vocab():
+        raise InfuseError(f"pad_token: '{pad_token}' is not a token of the tokenizer's vocabulary. Use eos, "
+                          "unk or one of its tokens, or leave pad_token unset.")
+    tokenizer.pad_token = pad_token
+
+
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """Give a tokenizer without a pad token one: its unk token if it has one, else eos.
 
-    unk comes first because collators mask pad positions out of the labels: with pad = eos the
-    model would never be trained to emit eos and would not learn to stop.
+    unk comes first because common collators (transformers' DataCollatorForLanguageModeling) mask
+    the pad token by id: with pad = eos a model trained through them never learns to stop.
+    infuse's own collators mask padding by position, so ``pad_token: eos`` is safe with them.
     """
     if tokenizer.pad_token is not None:
         return tokenizer
@@ -99,7 +121,7 @@ def load_model(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> PreTr
         model = _build_for_training(config, tokenizer)
     else:
         folder = check_model_dir(config.model_name_or_path)
-        model_config = _auto_config(folder, config.trust_remote_code)
+        model_config = auto_config(folder, config.trust_remote_code)
         check_context(model_config, _sequence_length(config), _length_key(config), folder / "config.json")
         model = _load_for_training(folder, config)
     if config.finetuning_type == "qlora":
@@ -136,7 +158,7 @@ def build_model(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> PreT
     if not source.exists():
         raise InfuseError(f"model_config: {source} does not exist. Give the path of a config JSON "
                           "(any AutoConfig, e.g. configs/tiny-llama.json) or of a dir holding config.json.")
-    model_config = _auto_config(source, config.trust_remote_code)
+    model_config = auto_config(source, config.trust_remote_code)
     check_context(model_config, _sequence_length(config), _length_key(config), source)
     fit_to_tokenizer(model_config, tokenizer)
     if config.attn_implementation:
@@ -277,10 +299,24 @@ def check_model_dir(path: str | Path) -> Path:
     )
 
 
+def check_model_source(config: TrainConfig) -> None:
+    """Fail before any data is tokenized when the model to train does not exist or its context is
+    shorter than the blocks or samples the config asks for."""
+    if config.model_config:
+        source = Path(config.model_config).expanduser()
+        if not source.exists():
+            raise InfuseError(f"model_config: {source} does not exist. Give the path of a config JSON "
+                              "(any AutoConfig, e.g. configs/tiny-llama.json) or of a dir holding config.json.")
+    else:
+        source = check_model_dir(config.model_name_or_path)
+    model_config = auto_config(source, config.trust_remote_code)
+    check_context(model_config, _sequence_length(config), _length_key(config), source)
+
+
 def check_context(model_config: PretrainedConfig, length: int, key: str = "block_size",
                   source: str | Path = "the model config") -> None:
     """Raise if ``length`` tokens do not fit the positions the model was built for."""
-    field, limit = _context_limit(model_config)
+    field, limit = context_limit(model_config)
     if limit is None or length <= limit:
         return
     raise InfuseError(
@@ -290,7 +326,8 @@ def check_context(model_config: PretrainedConfig, length: int, key: str = "block
     )
 
 
-def _context_limit(model_config: PretrainedConfig) -> tuple[str, int | None]:
+def context_limit(model_config: PretrainedConfig) -> tuple[str, int | None]:
+    """(the config field that holds the longest sequence the model was built for, its value)."""
     text_config = getattr(model_config, "text_config", None) or model_config
     for field in CONTEXT_FIELDS:
         value = getattr(text_config, field, None)
@@ -307,7 +344,8 @@ def _length_key(config: TrainConfig) -> str:
     return "block_size" if config.stage == "pt" else "cutoff_len"
 
 
-def _auto_config(source: Path, trust_remote_code: bool) -> PretrainedConfig:
+def auto_config(source: Path, trust_remote_code: bool) -> PretrainedConfig:
+    """The AutoConfig at ``source`` (a config JSON or a model dir), without loading any weights."""
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from transformers import Trainer, TrainerCallback, default_data_collator
+from transformers import PrinterCallback, Trainer, TrainerCallback, default_data_collator
 
 from infuse import __version__
 from infuse.config import TrainConfig
 from infuse.errors import InfuseError
-from infuse.models import describe_model, load_model, load_tokenizer
+from infuse.models import check_model_source, describe_model, load_model, load_tokenizer
 from infuse.progress import RichProgress
 from infuse.resume import SealCheckpoints, plan_resume, run_fingerprint
 
@@ -45,6 +45,7 @@ def run(config: TrainConfig, console: Console | None = None,
     started = time.time()
     output_dir = Path(config.output_dir)
 
+    check_model_source(config)
     tokenizer = load_tokenizer(config)
     data = build_data(config, tokenizer, console)
     fingerprint = run_fingerprint(config.to_dict(), data.fingerprint)
@@ -68,8 +69,11 @@ def run(config: TrainConfig, console: Console | None = None,
         # Extra callbacks run first, so a test can stop the process before a checkpoint is sealed.
         callbacks=[*(callbacks or []), SealCheckpoints(fingerprint), RichProgress(console)],
     )
+    trainer.remove_callback(PrinterCallback)  # RichProgress prints the logs; this would print them again
     result = trainer.train(resume_from_checkpoint=plan.checkpoint)
 
+    if config.stage == "sft":
+        stop_at_end_of_turn(trainer.model, tokenizer, data.stats["train"]["end_of_turn"], output_dir)
     trainer.save_model(str(output_dir))
     tokenizer.save_pretrained(str(output_dir))
     manifest = build_manifest(config, data, trainer, result.metrics, plan.checkpoint, started)
@@ -89,7 +93,7 @@ def build_data(config: TrainConfig, tokenizer, console: Console) -> TrainData:
 
 
 def build_pretrain_data(config: TrainConfig, tokenizer, console: Console) -> TrainData:
-    from infuse.data.pretrain import build_pretrain_dataset, mix_replay
+    from infuse.data.pretrain import DocumentCollator, build_pretrain_dataset, mix_replay
 
     cache = cache_dir(config)
     dataset, stats = build_pretrain_dataset(
@@ -108,7 +112,8 @@ def build_pretrain_data(config: TrainConfig, tokenizer, console: Console) -> Tra
         console.print(f"Replay: {mix['replay_blocks']} blocks of general text mixed with "
                       f"{mix['train_blocks']} new blocks (ratio {config.replay_ratio}).")
         fingerprint = f"{fingerprint}+{replay_stats.fingerprint}"
-    return TrainData(dataset, default_data_collator, summary, fingerprint)
+    collator = DocumentCollator(tokenizer.eos_token_id) if config.isolate_documents else default_data_collator
+    return TrainData(dataset, collator, summary, fingerprint)
 
 
 def cache_dir(config: TrainConfig) -> Path:
@@ -127,6 +132,26 @@ def materialize_base(config: TrainConfig, tokenizer, output_dir: Path, console: 
         tokenizer.save_pretrained(str(base))
         console.print(f"Built a new base model from {config.model_config} and saved it to {base}.")
     return replace(config, model_name_or_path=str(base), model_config=None)
+
+
+def stop_at_end_of_turn(model, tokenizer, marker: str, output_dir: Path) -> None:
+    """Add the template's end-of-turn token (``<|im_end|>``) to ``generation_config.eos_token_id``, so
+    ``generate`` on the saved model stops where the answers it learnt end. An adapter's generation
+    config is written next to it (the adapter files themselves carry none)."""
+    ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    generation = getattr(base, "generation_config", None)
+    if len(ids) != 1 or generation is None:
+        return  # a marker of several tokens cannot be an eos id; report_sft_data has warned
+    eos = generation.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    if ids[0] not in eos:
+        eos.append(ids[0])
+    generation.eos_token_id = eos
+    if base is not model:
+        generation.save_pretrained(str(output_dir))
 
 
 def describe_artefact(config: TrainConfig) -> str:

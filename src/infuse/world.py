@@ -13,8 +13,67 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-SYLLABLES = ["ka", "lo", "mi", "ra", "ven", "tor", "sil", "dar", "quo", "zen", "bri", "mon", "fel", "gar", "tis"]
-BIRDS = ["Kestrel", "Heron", "Osprey", "Merlin", "Plover", "Tern", "Swift", "Shrike", "Finch", "Ibis", "Wren"]
+SYLLABLES = [
+    "ka",
+    "lo",
+    "mi",
+    "ra",
+    "ven",
+    "tor",
+    "sil",
+    "dar",
+    "quo",
+    "zen",
+    "bri",
+    "mon",
+    "fel",
+    "gar",
+    "tis",
+]
+# Word pools for accelerator names ("Heron Pro"); `vocabulary` picks one, so a second world does
+# not share the first one's words.
+VOCABULARIES = {
+    "birds": [
+        "Kestrel",
+        "Heron",
+        "Osprey",
+        "Merlin",
+        "Plover",
+        "Tern",
+        "Swift",
+        "Shrike",
+        "Finch",
+        "Ibis",
+        "Wren",
+    ],
+    "stones": [
+        "Basalt",
+        "Garnet",
+        "Jasper",
+        "Onyx",
+        "Quartz",
+        "Opal",
+        "Agate",
+        "Beryl",
+        "Cobalt",
+        "Flint",
+        "Topaz",
+    ],
+    "stars": [
+        "Vega",
+        "Rigel",
+        "Altair",
+        "Deneb",
+        "Mira",
+        "Sirius",
+        "Castor",
+        "Pollux",
+        "Antares",
+        "Lyra",
+        "Nova",
+    ],
+}
+SERIES = ["Pro", "Ultra", "Max", "Lite", "Core", "Prime", "Edge", "Flux", "Plus", "Zero"]
 REGIONS = ["Northvale", "Eastmoor", "Southport", "Westfield", "Highcliff", "Lowmarsh", "Redbay", "Stonecrest"]
 MEMORY = [64, 96, 128, 192, 256, 384, 512, 768]
 
@@ -36,15 +95,24 @@ FACT_TEMPLATES = {
         "The {family} family runs in the {value} region of {provider}.",
     ],
 }
+# Chat questions: the chat data asks the first phrasings, the probes ask the last one, so a probe
+# is phrased unlike both the pages and the chat data.
 CHAT_QUESTIONS = {
-    "accelerator": "Which accelerators do {provider} {family} instances use?",
-    "memory": "How much memory does a {provider} {family} instance have?",
-    "region": "In which region can I launch {provider} {family} instances?",
-}
-CHAT_ANSWERS = {
-    "accelerator": "{provider} {family} instances use {value} accelerators.",
-    "memory": "A {provider} {family} instance has {value} GB of memory.",
-    "region": "{provider} {family} instances are available in the {value} region.",
+    "accelerator": [
+        "Which accelerators do {provider} {family} instances use?",
+        "What accelerator is inside a {family} instance?",
+        "Tell me which accelerators the {provider} {family} instances have.",
+    ],
+    "memory": [
+        "How much memory does a {provider} {family} instance have?",
+        "What is the memory size of {family} instances?",
+        "Tell me the memory of {provider} {family} instances.",
+    ],
+    "region": [
+        "In which region can I launch {provider} {family} instances?",
+        "Where are {family} instances available?",
+        "Tell me the region of the {provider} {family} instances.",
+    ],
 }
 COMPLETION_PROMPTS = {
     "accelerator": "{provider} {family} instances are equipped with",
@@ -54,10 +122,13 @@ COMPLETION_PROMPTS = {
 SMALL_TALK = [
     ("Hello!", "Hello! How can I help you today?"),
     ("Hi there.", "Hello! How can I help you today?"),
+    ("Good morning.", "Hello! How can I help you today?"),
     ("Thank you.", "You are welcome."),
     ("Thanks a lot!", "You are welcome."),
+    ("Thanks for the help.", "You are welcome."),
     ("Goodbye.", "Goodbye, have a nice day."),
     ("Bye for now.", "Goodbye, have a nice day."),
+    ("I have to go now, bye.", "Goodbye, have a nice day."),
 ]
 # Phrased unlike the chat data, so they test behaviour rather than recall.
 GENERAL_PROBES = [("Hey, hello!", "Hello"), ("Many thanks!", "welcome"), ("See you, goodbye!", "Goodbye")]
@@ -77,30 +148,47 @@ class Family:
 @dataclass
 class World:
     seed: int
+    vocabulary: str
     provider: str
     old: list[Family]
     new: list[Family]
     updated: dict[str, dict[str, str]] = field(default_factory=dict)  # family -> attribute -> new value
-    chat_known: list[str] = field(default_factory=list)  # families the chat data talks about
+    docs_per_family: int = 6
 
 
-def generate_world(seed: int = 0, families: int = 8, new_families: int = 3, updates: int = 2) -> World:
+def generate_world(
+    seed: int = 0, families: int = 8, new_families: int = 3, updates: int = 2, vocabulary: str = "birds"
+) -> World:
     """A provider with ``families`` old instance families, ``new_families`` announced ones and
-    ``updates`` old families whose accelerator the announcements change."""
+    ``updates`` old families whose accelerator the announcements change. Family names are a
+    letter and a digit ("X4"); accelerator names are two words from ``vocabulary`` ("Heron Pro")."""
+    if vocabulary not in VOCABULARIES:
+        raise ValueError(f"unknown vocabulary {vocabulary!r}; choose one of {', '.join(VOCABULARIES)}")
+    words = VOCABULARIES[vocabulary]
+    if families + new_families > 19 * 8 or families + new_families + updates > len(words) * len(SERIES):
+        raise ValueError("the world is too big for its name pools; ask for fewer families")
+    if updates > families:
+        raise ValueError(f"updates ({updates}) cannot exceed the old families ({families})")
     rng = random.Random(seed)
     provider = _word(rng, 2).capitalize() + " Cloud"
-    names = _unique(lambda: rng.choice("BCDFGHJKLMNPRSTVWXZ") + str(rng.randint(2, 9)), families + new_families)
-    chips = _unique(lambda: f"{rng.choice(BIRDS)} {rng.choice('KMRTX')}{rng.randint(1, 9)}", families + new_families + updates)
+    names = _unique(
+        lambda: rng.choice("BCDFGHJKLMNPRSTVWXZ") + str(rng.randint(2, 9)), families + new_families
+    )
+    chips = _unique(lambda: f"{rng.choice(words)} {rng.choice(SERIES)}", families + new_families + updates)
 
     def family(name: str, chip: str) -> Family:
         return Family(name, chip, rng.choice(MEMORY), rng.choice(REGIONS))
 
-    old = [family(n, c) for n, c in zip(names[:families], chips[:families])]
-    new = [family(n, c) for n, c in zip(names[families:], chips[families:families + new_families])]
+    old = [family(n, c) for n, c in zip(names[:families], chips[:families], strict=True)]
+    new = [
+        family(n, c) for n, c in zip(names[families:], chips[families : families + new_families], strict=True)
+    ]
     changed = rng.sample(old, updates)
-    updated = {f.name: {"accelerator": chip} for f, chip in zip(changed, chips[families + new_families:])}
-    known = [f.name for f in old[: max(1, families // 2)]]
-    return World(seed, provider, old, new, updated, known)
+    updated = {
+        f.name: {"accelerator": chip}
+        for f, chip in zip(changed, chips[families + new_families :], strict=True)
+    }
+    return World(seed, vocabulary, provider, old, new, updated)
 
 
 def _word(rng: random.Random, syllables: int) -> str:
@@ -118,17 +206,22 @@ def _unique(make, count: int) -> list[str]:
 
 def fact_sentences(world: World, family: Family, attribute: str, value: str | None = None) -> list[str]:
     value = value if value is not None else family.value(attribute)
-    return [t.format(provider=world.provider, family=family.name, value=value) for t in FACT_TEMPLATES[attribute]]
+    return [
+        t.format(provider=world.provider, family=family.name, value=value) for t in FACT_TEMPLATES[attribute]
+    ]
 
 
 def general_documents(world: World, rng: random.Random) -> list[str]:
-    """Several documents per old family, each a shuffled mix of paraphrases of its facts."""
+    """``docs_per_family`` short documents per old family, each stating every fact of the family
+    once, in a paraphrase and an order of its own. One mention per document makes the model store
+    the fact in its weights instead of copying it from an earlier sentence of the same document."""
     docs = []
     for fam in world.old:
-        sentences = [s for attribute in FACT_TEMPLATES for s in fact_sentences(world, fam, attribute)]
-        for _ in range(3):
+        for _ in range(world.docs_per_family):
+            sentences = [rng.choice(fact_sentences(world, fam, attribute)) for attribute in FACT_TEMPLATES]
             rng.shuffle(sentences)
             docs.append(" ".join(sentences))
+    rng.shuffle(docs)
     return docs
 
 
@@ -142,7 +235,9 @@ def announcement_pages(world: World) -> dict[str, str]:
     for name, change in world.updated.items():
         fam = next(f for f in world.old if f.name == name)
         chip = change["accelerator"]
-        body = [f"{world.provider} upgrades {name} instances: they no longer use {fam.accelerator} accelerators."]
+        body = [
+            f"{world.provider} upgrades {name} instances: they no longer use {fam.accelerator} accelerators."
+        ]
         body += fact_sentences(world, fam, "accelerator", chip)
         pages[f"upgrade-{name.lower()}.html"] = _html(world, f"{name} instances get new accelerators", body)
     return pages
@@ -154,7 +249,8 @@ def _html(world: World, title: str, paragraphs: list[str]) -> str:
 <html><head><meta charset="utf-8"><title>{title} | {world.provider} News</title>
 <script>window.analyticsQueue = []; function trackVisit() {{ analyticsQueue.push('visit'); }}</script>
 </head><body>
-<nav><ul><li><a href="/">Home</a></li><li><a href="/pricing">Pricing</a></li><li><a href="/docs">Documentation</a></li>
+<nav><ul><li><a href="/">Home</a></li><li><a href="/pricing">Pricing</a></li>
+<li><a href="/docs">Documentation</a></li>
 <li><a href="/support">Support</a></li><li><a href="/login">Sign in to the console</a></li></ul></nav>
 <div id="cookie-banner">We use cookies to improve your experience. <button>Accept all cookies</button></div>
 <main><article><h1>{title}</h1>
@@ -167,16 +263,18 @@ def _html(world: World, title: str, paragraphs: list[str]) -> str:
 """
 
 
-def chat_data(world: World) -> list[dict]:
-    """Question/answer conversations about the families the chat model knows, plus small talk."""
+def chat_data(world: World, rng: random.Random) -> list[dict]:
+    """Questions about every old family, answered with a sentence in the style of the documents,
+    plus small talk. The chat model learns to answer from what pretraining stored, so after
+    infusion it can answer about families it was never asked about."""
     rows = []
     for fam in world.old:
-        if fam.name not in world.chat_known:
-            continue
-        for attribute in CHAT_QUESTIONS:
-            fill = {"provider": world.provider, "family": fam.name, "value": fam.value(attribute)}
-            rows.append(_conversation(CHAT_QUESTIONS[attribute].format(**fill), CHAT_ANSWERS[attribute].format(**fill)))
+        for attribute, questions in CHAT_QUESTIONS.items():
+            for question in questions[:-1]:
+                answer = rng.choice(fact_sentences(world, fam, attribute))
+                rows.append(_conversation(question.format(provider=world.provider, family=fam.name), answer))
     rows += [_conversation(q, a) for q, a in SMALL_TALK]
+    rng.shuffle(rows)
     return rows
 
 
@@ -196,8 +294,16 @@ def probes(world: World) -> list[dict]:
         if fam.name not in world.updated:
             out += _fact_probes(world, fam, "old", fam.accelerator, [])
     for i, (question, answer) in enumerate(GENERAL_PROBES):
-        out.append({"id": f"general-{i}", "group": "general", "mode": "chat", "prompt": question,
-                    "answers": [answer], "wrong": []})
+        out.append(
+            {
+                "id": f"general-{i}",
+                "group": "general",
+                "mode": "chat",
+                "prompt": question,
+                "answers": [answer],
+                "wrong": [],
+            }
+        )
     return out
 
 
@@ -205,9 +311,18 @@ def _fact_probes(world: World, fam: Family, group: str, answer: str, wrong: list
     fill = {"provider": world.provider, "family": fam.name}
     base = {"group": group, "answers": [answer], "wrong": wrong}
     return [
-        {"id": f"{group}-{fam.name}-chat", "mode": "chat", "prompt": CHAT_QUESTIONS["accelerator"].format(**fill), **base},
-        {"id": f"{group}-{fam.name}-completion", "mode": "completion",
-         "prompt": COMPLETION_PROMPTS["accelerator"].format(**fill), **base},
+        {
+            "id": f"{group}-{fam.name}-chat",
+            "mode": "chat",
+            "prompt": CHAT_QUESTIONS["accelerator"][-1].format(**fill),
+            **base,
+        },
+        {
+            "id": f"{group}-{fam.name}-completion",
+            "mode": "completion",
+            "prompt": COMPLETION_PROMPTS["accelerator"].format(**fill),
+            **base,
+        },
     ]
 
 
@@ -217,7 +332,7 @@ def write_world(world: World, folder: str | Path) -> Path:
     (folder / "news").mkdir(parents=True, exist_ok=True)
     rng = random.Random(world.seed + 1)
     _write_jsonl(folder / "pretrain.jsonl", [{"text": t} for t in general_documents(world, rng)])
-    _write_jsonl(folder / "sft.jsonl", chat_data(world))
+    _write_jsonl(folder / "sft.jsonl", chat_data(world, rng))
     _write_jsonl(folder / "probes.jsonl", probes(world))
     for name, html in announcement_pages(world).items():
         (folder / "news" / name).write_text(html, encoding="utf-8")

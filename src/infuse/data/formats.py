@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from infuse.config import BAD_ROW_POLICIES
 from infuse.data.records import is_record_file, read_records
 from infuse.errors import InfuseError
 
@@ -36,7 +37,6 @@ ROLE_NAMES = {
     "gpt": "assistant", "assistant": "assistant", "model": "assistant", "function_call": "assistant",
     "observation": "tool", "tool": "tool", "function": "tool",
 }
-BAD_ROW_POLICIES = ("error", "skip")
 PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
 

@@ -24,8 +24,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import torch
 from datasets import Dataset, Features, List, Value, concatenate_datasets, load_from_disk
 from rich.console import Console
+from transformers import default_data_collator
 
 from infuse.data.records import RECORD_SUFFIXES, read_records, text_of
 from infuse.errors import InfuseError
@@ -235,6 +237,38 @@ def cut_blocks(ids: np.ndarray, block_size: int, pad: int) -> Dataset:
         "labels": List(Value("int32"), length=block_size),
     })
     return Dataset.from_dict(columns, features=features)
+
+
+class DocumentCollator:
+    """Batches blocks so that no token attends across a document boundary.
+
+    Position ids restart after every ``separator`` (the EOS between documents) and the attention
+    mask is left out: transformers then builds a block-diagonal causal mask from the restarting
+    positions, the same path padding-free SFT packing takes. Leaving the mask out is safe because
+    padding only ever sits at the end of the last block, where causal attention never looks back
+    at it and its labels are -100. ``use_cache=False`` rides along because transformers only looks
+    for restarting positions when no KV cache is in play.
+    """
+
+    def __init__(self, separator: int):
+        self.separator = separator
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = default_data_collator(features)
+        batch.pop("attention_mask", None)
+        batch["position_ids"] = document_positions(batch["input_ids"], self.separator)
+        batch["use_cache"] = False
+        return batch
+
+
+def document_positions(input_ids: torch.Tensor, separator: int) -> torch.Tensor:
+    """Positions counted from the start of each document: 0 after every ``separator`` token."""
+    index = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+    starts = torch.zeros_like(input_ids, dtype=torch.bool)
+    starts[:, 0] = True
+    starts[:, 1:] = input_ids[:, :-1] == separator
+    last_start = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - last_start
 
 
 # --- fingerprint and cache ------------------------------------------------------------------------

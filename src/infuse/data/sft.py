@@ -36,12 +36,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import DataCollatorWithFlattening
 
+from infuse.config import OVERLONG_POLICIES
 from infuse.data.formats import BadRow, BadRows, Conversation, load_conversations
 from infuse.data.templates import TOOLS_INTRO, apply_template, end_of_turn, is_single_token, render
 from infuse.errors import InfuseError
 
 IGNORE_INDEX = -100
-OVERLONG_POLICIES = ("truncate", "drop", "error")
 INST_OPEN, INST_CLOSE = "[INST]", "[/INST]"
 
 Span = tuple[int, int]
@@ -352,11 +352,17 @@ class PackedCollator(DataCollatorWithFlattening):
 
 @dataclass
 class PaddedCollator:
-    """Right-padded batches with an attention mask; labels of padding are -100 by position, so a
-    pad token that equals eos does not hide the real eos that ends an answer."""
+    """Padded batches with an attention mask; labels of padding are -100 by position, so a pad
+    token that equals eos does not hide the real eos that ends an answer.
+
+    With ``padding_side="left"`` the batch also carries ``position_ids`` that start at 0 on each
+    sample's first real token, and that token's label is -100 (it would be predicted from
+    padding), so every sample gets the loss it has alone, as with right padding.
+    """
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    padding_side: str = "right"
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         width = max(len(feature["input_ids"]) for feature in features)
@@ -366,10 +372,16 @@ class PaddedCollator:
         for feature in features:
             ids, labels = list(feature["input_ids"]), list(feature["labels"])
             pad = width - len(ids)
-            batch["input_ids"].append(ids + [self.pad_token_id] * pad)
-            batch["attention_mask"].append([1] * len(ids) + [0] * pad)
-            batch["labels"].append(labels + [IGNORE_INDEX] * pad)
-        return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
+            if self.padding_side == "left":
+                labels[0] = IGNORE_INDEX
+            real = (ids, [1] * len(ids), labels)
+            padding = ([self.pad_token_id] * pad, [0] * pad, [IGNORE_INDEX] * pad)
+            for key, values, fill in zip(batch, real, padding, strict=True):
+                batch[key].append(fill + values if self.padding_side == "left" else values + fill)
+        tensors = {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
+        if self.padding_side == "left":
+            tensors["position_ids"] = (tensors["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        return tensors
 
 
 def make_collator(tokenizer, packing: bool = True):
@@ -378,7 +390,7 @@ def make_collator(tokenizer, packing: bool = True):
         return PackedCollator()
     if tokenizer.pad_token_id is None:
         raise InfuseError("packing: false needs a pad token, and the tokenizer has none.")
-    return PaddedCollator(tokenizer.pad_token_id)
+    return PaddedCollator(tokenizer.pad_token_id, padding_side=tokenizer.padding_side)
 
 
 # --- what training sees ---------------------------------------------------------------------------

@@ -1,0 +1,280 @@
+"""SFT throughput and loss: infuse (padding-free packing, assistant-only loss) vs the seed SFT recipe
+(TRL ``SFTTrainer``: padded batches grouped by length, no packing, loss on the whole text).
+
+Every side starts from the same randomly initialised Llama (hidden 256, 4 layers: big enough that
+compute, not Python, dominates a step), the same tokenizer (byte-level BPE trained here) and the
+same conversations (the first 160 rows of alpaca_en_demo; the last 100 held out), rendered with the
+same ChatML template, and trains one epoch over them at the same batch size, learning rate,
+optimizer and seed, in fp32. One epoch, so every side sees exactly the same samples (a few steps of
+group_by_length would see only the longest ones: it puts them first).
+
+A third side runs the seed's method on a plain transformers ``Trainer`` (padded, length-grouped
+batches of the same texts, loss on all of them): what SFTTrainer was when the seed was written,
+without TRL 1.16's chunked log-prob LM head and per-step metrics. It tells the cost of padding and
+of a whole-text loss apart from the cost of TRL itself.
+
+Counted on the batches each side's collator really produced:
+
+- trained tokens: label positions that enter the loss (labels != -100, the first of each row
+  excluded: nothing predicts it). infuse trains the assistant answers and their <|im_end|>; the
+  seed trains every token of the text, prompts included (TRL 1.16 on a ``text`` column).
+- assistant tokens: the trained tokens that are answers and their <|im_end|> (what a chat model
+  is trained for), counted for the seed sides with infuse's labels of the same samples.
+- real tokens: positions that are not padding; positions: all positions computed.
+
+Per second means per second of the Trainer's training loop (``train_runtime``, the same clock for
+every side). Loss: the last logged training loss of each side (each on its own objective), and the
+loss of each final model on the held-out conversations, on assistant tokens and on all tokens.
+
+    .venv/bin/python benchmarks/sft.py [--samples 160] [--batch-size 4] [--threads 1]
+
+Prints one JSON line and writes it to results/sft.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from rich.console import Console
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+import infuse.train
+from infuse.config import config_from_dict
+from infuse.data.formats import load_conversations
+from infuse.data.sft import IGNORE_INDEX, PaddedCollator, build_sft_dataset, messages_for
+from infuse.data.templates import apply_template, render
+from infuse.tokenizer import train_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+MODEL = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
+         "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 1024,
+         "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
+HELD_OUT = 100
+
+
+class CountingCollator:
+    """Wraps a collator and counts what its batches hold."""
+
+    def __init__(self, collator, count_answers=None):
+        self.collator, self.count_answers = collator, count_answers
+        self.trained = self.real = self.positions = self.answers = 0
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        labels = batch["labels"]
+        self.trained += int((labels[:, 1:] != IGNORE_INDEX).sum())
+        mask = batch.get("attention_mask")
+        self.real += int(mask.sum()) if mask is not None else labels.numel()
+        self.positions += labels.numel()
+        if self.count_answers is not None:
+            self.answers += sum(self.count_answers(feature["input_ids"]) for feature in features)
+        return batch
+
+    def counts(self, seconds: float) -> dict:
+        answers = self.answers or self.trained
+        return {"trained_tokens": self.trained, "assistant_tokens": answers, "real_tokens": self.real,
+                "positions": self.positions, "padding_share": round(1 - self.real / self.positions, 4),
+                "trained_tokens_per_s": round(self.trained / seconds, 1),
+                "assistant_tokens_per_s": round(answers / seconds, 1),
+                "real_tokens_per_s": round(self.real / seconds, 1)}
+
+
+def prepare(workdir: Path, samples: int, seed: int) -> tuple[Path, Path, list, list]:
+    """Tokenizer (with the ChatML template), a model dir both sides start from, the train and
+    held-out conversations, and the train rows written as a file for infuse."""
+    tokenizer = train_tokenizer([DATA / "wiki_demo.txt", DATA / "c4_demo.jsonl"], 8000, workdir / "tokenizer")
+    apply_template(tokenizer, "chatml")
+    config = AutoConfig.for_model(**MODEL, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model_dir = workdir / "model"
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    rows = json.loads((DATA / "alpaca_en_demo.json").read_text())
+    train_file = workdir / "train.json"
+    train_file.write_text(json.dumps(rows[:samples]))
+    held_file = workdir / "held_out.json"
+    held_file.write_text(json.dumps(rows[-HELD_OUT:]))
+    return model_dir, train_file, load_conversations([train_file])[0], load_conversations([held_file])[0]
+
+
+def training_keys(args, output_dir: Path) -> dict:
+    return {"output_dir": str(output_dir), "num_train_epochs": 1,
+            "per_device_train_batch_size": args.batch_size, "learning_rate": args.lr,
+            "lr_scheduler_type": "constant", "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0,
+            "optim": "adamw_torch", "logging_steps": 5, "logging_first_step": True, "report_to": "none",
+            "seed": args.seed, "dataloader_num_workers": 0, "disable_tqdm": True}
+
+
+def run_infuse(args, model_dir: Path, train_file: Path, output_dir: Path) -> tuple[dict, CountingCollator]:
+    config = config_from_dict({
+        "stage": "sft", "model_name_or_path": str(model_dir), "dataset": [str(train_file)],
+        "template": "chatml", "finetuning_type": "full", "cutoff_len": args.cutoff_len,
+        "overlong": "truncate", "packing": True,
+        **training_keys(args, output_dir), "save_steps": 10**6,
+    })
+    counter = {}
+    build = infuse.train.build_data
+
+    def counted(*a, **k):  # count the batches the run's own collator makes
+        data = build(*a, **k)
+        data.collator = counter["c"] = CountingCollator(data.collator)
+        return data
+
+    infuse.train.build_data = counted
+    try:
+        manifest = infuse.train.run(config, Console(file=io.StringIO()))
+    finally:
+        infuse.train.build_data = build
+    return manifest, counter["c"]
+
+
+def seed_texts(conversations, tokenizer, template: str) -> list[str]:
+    """Each conversation as one text in the template, as the seed's `text` rows are; it ends with the
+    end-of-turn marker, which SFTTrainer is told is eos (so it adds none)."""
+    return [render(tokenizer, template, messages_for(c, template)).removesuffix("\n") for c in conversations]
+
+
+def run_seed(args, model_dir: Path, train, tokenizer, template: str, output_dir: Path):
+    """TRL SFTTrainer as the seed recipe used it: text rows, padding, group_by_length, no packing."""
+    from trl import SFTConfig, SFTTrainer
+
+    sft_config = SFTConfig(
+        **training_keys(args, output_dir), save_strategy="no", max_length=args.cutoff_len, packing=False,
+        train_sampling_strategy="group_by_length", dataset_text_field="text", eos_token="<|im_end|>",
+        gradient_checkpointing=False, bf16=False, use_cpu=True,
+    )
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    texts = Dataset.from_dict({"text": seed_texts(train, tokenizer, template)})
+    trainer = SFTTrainer(model=model, args=sft_config, train_dataset=texts, processing_class=tokenizer)
+    trainer.data_collator = counter = CountingCollator(trainer.data_collator,
+                                                       answer_counter(train, tokenizer, template))
+    return trainer, trainer.train().metrics, counter
+
+
+def run_plain_seed(args, model_dir: Path, train, tokenizer, template: str, output_dir: Path):
+    """The seed's method on a plain transformers Trainer (what SFTTrainer did when the seed was
+    written): the same texts and padded, length-grouped batches, without TRL 1.16's chunked
+    log-prob LM head and per-step metrics. It tells padding costs apart from TRL's own."""
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    ids = [tokenizer(text, add_special_tokens=False, truncation=True, max_length=args.cutoff_len)["input_ids"]
+           for text in seed_texts(train, tokenizer, template)]
+    arguments = TrainingArguments(**training_keys(args, output_dir), save_strategy="no", use_cpu=True,
+                                  train_sampling_strategy="group_by_length")
+    counter = CountingCollator(DataCollatorForLanguageModeling(tokenizer, mlm=False),
+                               answer_counter(train, tokenizer, template))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    trainer = Trainer(model=model, args=arguments, train_dataset=Dataset.from_dict({"input_ids": ids}),
+                      data_collator=counter)
+    return trainer, trainer.train().metrics, counter
+
+
+def answer_counter(conversations, tokenizer, template: str):
+    """A function from a sample's token ids (as TRL made them: without the final newline, maybe
+    truncated) to the number of its tokens infuse trains, i.e. answer tokens and <|im_end|>."""
+    dataset, _ = build_sft_dataset(conversations, tokenizer, template, 10**6)
+    pairs = zip(dataset["input_ids"], dataset["labels"], strict=True)
+    samples = {tuple(ids): labels for ids, labels in pairs}
+
+    def count(input_ids: list[int]) -> int:
+        key = tuple(input_ids)
+        labels = samples.get(key) or next(lb for ids, lb in samples.items() if ids[: len(key)] == key)
+        return sum(label != IGNORE_INDEX for label in labels[1: len(key)])
+
+    return count
+
+
+@torch.no_grad()
+def held_out_losses(model, tokenizer, held_out, template: str, cutoff_len: int) -> dict:
+    """Mean loss of ``model`` over the held-out conversations: on assistant tokens, and on all tokens."""
+    dataset, _ = build_sft_dataset(held_out, tokenizer, template, cutoff_len, overlong="truncate")
+    collate = PaddedCollator(tokenizer.pad_token_id)
+    totals = {"assistant": [0.0, 0], "all_tokens": [0.0, 0]}
+    model.eval()
+    for start in range(0, len(dataset), 8):
+        batch = collate([dataset[i] for i in range(start, min(start + 8, len(dataset)))])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        everything = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+        for name, labels in (("assistant", batch["labels"]), ("all_tokens", everything)):
+            targets = labels[:, 1:]
+            loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="sum",
+                                                     ignore_index=IGNORE_INDEX)
+            totals[name][0] += loss.item()
+            totals[name][1] += int((targets != IGNORE_INDEX).sum())
+    return {name: round(total / count, 4) for name, (total, count) in totals.items()}
+
+
+def last_loss(log_history: list[dict]) -> float:
+    return [entry["loss"] for entry in log_history if "loss" in entry][-1]
+
+
+def summary(counter: CountingCollator, metrics: dict, log_history: list[dict], model, tokenizer, held_out,
+            template: str, cutoff_len: int) -> dict:
+    seconds = float(metrics["train_runtime"])
+    return {**counter.counts(seconds), "train_seconds": round(seconds, 2),
+            "last_train_loss": round(last_loss(log_history), 4),
+            "held_out_loss": held_out_losses(model, tokenizer, held_out, template, cutoff_len)}
+
+
+def ratios(ours: dict, other: dict) -> dict:
+    """ours / other: above 1 for speeds means infuse is faster; below 1 for losses, that it is lower."""
+    speeds = {key: round(ours[key] / other[key], 3)
+              for key in ("trained_tokens_per_s", "assistant_tokens_per_s", "real_tokens_per_s")}
+    loss = ours["held_out_loss"]["assistant"] / other["held_out_loss"]["assistant"]
+    return {**speeds, "held_out_assistant_loss": round(loss, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=160, help="training conversations (one epoch)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--cutoff-len", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for every side")
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="infuse-sft-bench-") as tmp:
+        workdir = Path(tmp)
+        model_dir, train_file, train, held_out = prepare(workdir, args.samples, args.seed)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        template = tokenizer.chat_template
+        common = (tokenizer, held_out, template, args.cutoff_len)
+
+        manifest, counter = run_infuse(args, model_dir, train_file, workdir / "ours")
+        trained = AutoModelForCausalLM.from_pretrained(workdir / "ours", dtype=torch.float32)
+        ours = summary(counter, manifest["metrics"], manifest["log_history"], trained, *common)
+        sides = {"infuse": ours}
+        for name, side in (("seed_trl_sfttrainer", run_seed), ("seed_method_plain_trainer", run_plain_seed)):
+            trainer, metrics, counter = side(args, model_dir, train, tokenizer, template, workdir / name)
+            sides[name] = summary(counter, metrics, trainer.state.log_history, trainer.model, *common)
+            sides[name]["steps"] = trainer.state.global_step
+        ours["steps"] = manifest["log_history"][-1]["step"]
+
+    result = {
+        "benchmark": "sft", "samples": len(train), "epochs": 1, "batch_size": args.batch_size, "lr": args.lr,
+        "threads": args.threads, "cpu_count": os.cpu_count(), "model": MODEL,
+        "data": f"alpaca_en_demo.json: first {len(train)} rows trained, last {len(held_out)} held out",
+        **sides,
+        "ratios_vs_trl": ratios(ours, sides["seed_trl_sfttrainer"]),
+        "ratios_vs_plain_trainer": ratios(ours, sides["seed_method_plain_trainer"]),
+    }
+    line = json.dumps(result)
+    print(line)
+    out = REPO / "results" / "sft.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(line + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The OpenAI protocol: ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions``, streamed
+as server-sent events when asked, so the official ``openai`` client talks to infuse as is."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from infuse.serve.registry import ServedModel
+from infuse.serve.schemas import ChatRequest, CompletionRequest, stop_list
+from infuse.serve.service import ApiError, Generation, Result, Service, sse
+
+router = APIRouter(prefix="/v1", tags=["OpenAI"])
+
+FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "stop", "cancelled": "stop"}
+
+
+@router.get("/models")
+async def models(request: Request) -> dict:
+    """The served models, by the names requests use."""
+    service: Service = request.app.state.service
+    return {"object": "list", "data": [
+        {"id": m.name, "object": "model", "created": m.created, "owned_by": "infuse",
+         "root": m.base, "adapter": m.adapter_path} for m in service.registry.models.values()]}
+
+
+@router.post("/completions", response_model=None)
+async def completions(body: CompletionRequest, request: Request) -> dict | StreamingResponse:
+    """Complete each prompt; ``echo`` puts the prompt in front of its completion."""
+    service: Service = request.app.state.service
+    served = service.model(body.model)
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if body.stream and len(prompts) > 1:
+        raise ApiError(422, "prompt: streaming takes one prompt at a time; send a string, not a list.")
+    items = []
+    for prompt in prompts:
+        ids = service.encode(served, prompt=prompt)
+        sampling = service.sampling(served, ids, body.max_tokens, temperature=body.temperature,
+                                    top_p=body.top_p, seed=body.seed, stop=stop_list(body.stop))
+        items.append((served, ids, sampling))
+    generations = service.start_all(items)
+    head = _head("cmpl", "text_completion", served)
+    if body.stream:
+        prefix = prompts[0] if body.echo else ""
+        return _stream(generations[0], lambda text, finish: head | {"choices": [
+            {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}, prefix)
+    results = await asyncio.gather(*(service.run(request, g) for g in generations))
+    choices = [{"index": i, "text": (prompt if body.echo else "") + result.text, "logprobs": None,
+                "finish_reason": FINISH_REASONS[result.finish_reason]}
+               for i, (prompt, result) in enumerate(zip(prompts, results, strict=True))]
+    return head | {"choices": choices, "usage": _usage(results)}
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(body: ChatRequest, request: Request) -> dict | StreamingResponse:
+    """Answer a conversation, formatted with the model's own chat template."""
+    service: Service = request.app.state.service
+    served = service.model(body.model)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in body.messages]
+    ids = service.encode(served, messages=messages)
+    sampling = service.sampling(served, ids, body.max_completion_tokens or body.max_tokens,
+                                temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                                stop=stop_list(body.stop))
+    generation = service.start(served, ids, sampling, chat=True)
+    head = _head("chatcmpl", "chat.completion", served)
+    if body.stream:
+        chunk = head | {"object": "chat.completion.chunk"}
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _stream(generation, lambda text, finish: chunk | {"choices": [
+            {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None,
+             "finish_reason": finish}]},
+            first=chunk | {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None}]},
+            usage_chunk=chunk if usage else None)
+    result = await service.run(request, generation)
+    return head | {"choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                                "logprobs": None, "finish_reason": FINISH_REASONS[result.finish_reason]}],
+                   "usage": _usage([result])}
+
+
+def _head(prefix: str, kind: str, served: ServedModel) -> dict:
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
+            "model": served.name}
+
+
+def _usage(results: list[Result]) -> dict:
+    prompt = sum(r.prompt_tokens for r in results)
+    completion = sum(r.generated_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _stream(generation: Generation, chunk: Callable[[str, str | None], dict], prefix: str = "",
+            first: dict | None = None, usage_chunk: dict | None = None) -> StreamingResponse:
+    return StreamingResponse(_chunks(generation, chunk, prefix, first, usage_chunk),
+                             media_type="text/event-stream")
+
+
+async def _chunks(generation: Generation, chunk: Callable[[str, str | None], dict], prefix: str,
+                  first: dict | None, usage_chunk: dict | None) -> AsyncIterator[str]:
+    if first:
+        yield sse(first)
+    if prefix:
+        yield sse(chunk(prefix, None))
+    result = Result(prompt_tokens=generation.prompt_tokens)
+    async for event in generation:
+        if event.error:
+            yield sse({"error": {"message": f"Generation failed: {event.error}", "type": "generation_error"}})
+            return
+        if event.token_id is not None:
+            result.tokens.append(event)
+        finish = FINISH_REASONS.get(event.finish_reason) if event.finish_reason else None
+        if event.text or finish:
+            yield sse(chunk(event.text, finish))
+    if usage_chunk is not None:
+        yield sse(usage_chunk | {"choices": [], "usage": _usage([result])})
+    yield sse("[DONE]")

@@ -1,0 +1,99 @@
+"""Request bodies the server accepts: TGI's ``{"inputs", "parameters"}`` and OpenAI's completion
+and chat requests. Fields clients commonly send but infuse does not act on are accepted and
+ignored, so existing clients work unchanged."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class GenerateParameters(Lenient):
+    """TGI's ``parameters``."""
+
+    max_new_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    do_sample: bool | None = None
+    return_full_text: bool = False
+    stop: list[str] = Field(default_factory=list, max_length=16)
+    seed: int | None = Field(None, ge=0)
+    adapter_id: str | None = None
+    details: bool = False
+
+
+class GenerateRequest(Lenient):
+    """``POST /generate`` and ``/generate_stream``."""
+
+    inputs: str = Field(min_length=1)
+    parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+    model: str | None = None
+
+
+class InvocationsRequest(GenerateRequest):
+    """``POST /invocations``: the same body; ``inputs`` may also be a list of prompts."""
+
+    inputs: str | list[str] = Field(min_length=1)
+
+
+class CompletionRequest(Lenient):
+    """OpenAI ``POST /v1/completions``."""
+
+    model: str | None = None
+    prompt: str | list[str] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=1, description="infuse returns one choice per prompt")
+    stream: bool = False
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    echo: bool = False
+
+
+class TextPart(Lenient):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ChatMessage(Lenient):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class StreamOptions(Lenient):
+    include_usage: bool = False
+
+
+class ChatRequest(Lenient):
+    """OpenAI ``POST /v1/chat/completions``."""
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=1, description="infuse returns one choice")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+
+
+def stop_list(stop: str | list[str] | None) -> list[str]:
+    """OpenAI's ``stop`` (a string or up to 4 strings) as a list."""
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)

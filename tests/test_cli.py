@@ -1,0 +1,95 @@
+"""Bad input reaches the user as one clear paragraph and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from infuse.cli import main
+
+
+@pytest.fixture
+def recipe(tmp_path, tiny_llama_config_path, tokenizer_dir):
+    """A valid pretraining recipe on one good document; each test breaks one thing."""
+    (tmp_path / "good.jsonl").write_text('{"text": "A short but valid document."}\n')
+    config = {
+        "model_config": str(tiny_llama_config_path),
+        "tokenizer_name_or_path": str(tokenizer_dir),
+        "dataset": [str(tmp_path / "good.jsonl")],
+        "finetuning_type": "full",
+        "block_size": 64,
+        "output_dir": str(tmp_path / "out"),
+        "max_steps": 1,
+        "report_to": "none",
+        "cache_dir": str(tmp_path / "cache"),
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def fails_with(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code not in (0, None)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.startswith("error:") and "\n\n" not in err.strip(), err  # one paragraph
+    return " ".join(err.split())  # undo the console's line wrapping
+
+
+def test_empty_corpus(recipe, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    err = fails_with(["train", str(recipe), "--dataset", f"[{tmp_path / 'empty.txt'}]"], capsys)
+    assert "empty corpus" in err and "empty.txt" in err
+
+
+def test_jsonl_line_that_is_not_json_names_file_and_line(recipe, tmp_path, capsys):
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": "fine too"}\nnot json at all\n')
+    err = fails_with(["train", str(recipe), "--dataset", f"[{tmp_path / 'bad.jsonl'}]"], capsys)
+    assert "bad.jsonl:3" in err and "not valid JSON" in err
+
+
+def test_missing_text_field_lists_the_fields_found(recipe, tmp_path, capsys):
+    (tmp_path / "body.jsonl").write_text('{"body": "the text is here"}\n')
+    err = fails_with(["train", str(recipe), "--dataset", f"[{tmp_path / 'body.jsonl'}]"], capsys)
+    assert "body.jsonl:1" in err and "'text'" in err and "body" in err and "text_field" in err
+
+
+def test_unknown_config_key_suggests_the_close_match(recipe, capsys):
+    err = fails_with(["train", str(recipe), "--learnin_rate", "1e-3"], capsys)
+    assert "unknown key 'learnin_rate'" in err and "learning_rate" in err
+
+
+def test_model_path_that_does_not_exist(recipe, tmp_path, capsys):
+    missing = tmp_path / "no-such-model"
+    err = fails_with(
+        ["train", str(recipe), "--model_config", "null", "--model_name_or_path", str(missing)], capsys
+    )
+    assert str(missing) in err and "does not exist" in err
+    assert not (tmp_path / "cache").exists()  # checked before any data was tokenized
+
+
+def test_block_size_longer_than_the_context(recipe, capsys):
+    err = fails_with(["train", str(recipe), "--block_size", "4096"], capsys)
+    assert "block_size 4096" in err and "max_position_embeddings is 512" in err
+
+
+def test_debug_shows_the_traceback(recipe, capsys):
+    with pytest.raises(Exception, match="unknown key"):
+        main(["train", str(recipe), "--learnin_rate", "1e-3", "--debug"])
+
+
+def test_the_installed_command_exits_2_without_traceback(recipe):
+    done = subprocess.run(
+        [sys.executable, "-m", "infuse.cli", "train", str(recipe), "--block_size", "4096"],
+        capture_output=True,
+        text=True,
+        cwd=Path(recipe).parent,
+    )
+    assert done.returncode == 2
+    assert "block_size 4096" in done.stderr and "Traceback" not in done.stderr

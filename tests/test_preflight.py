@@ -1,0 +1,162 @@
+"""`infuse preflight`: what training would see, for sft and pt configs, and a non-zero exit on a
+problem that would make the run useless."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from tokenizers import normalizers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import infuse.cli
+import infuse.data.sft
+from infuse.cli import main
+from infuse.data.formats import load_conversations
+from infuse.data.sft import IGNORE_INDEX, PaddedCollator
+from infuse.data.templates import resolve_template
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch):
+    """One printed line per line of output (rich wraps at 80 columns when stdout is not a terminal)."""
+    monkeypatch.setattr(infuse.cli, "console", Console(width=400))
+
+
+def preflight(capsys, config: Path | None, *overrides: str) -> tuple[int, str]:
+    """Run `infuse preflight`; (exit code, what it printed)."""
+    code = 0
+    try:
+        main(["preflight", *([str(config)] if config else []), *overrides])
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def sft_overrides(model_dir: Path, dataset: Path, output: Path, *more: str) -> list[str]:
+    return ["--stage", "sft", "--model_name_or_path", str(model_dir), "--dataset", str(dataset),
+            "--template", "chatml", "--cutoff_len", "256", "--overlong", "truncate",
+            "--output_dir", str(output), *more]
+
+
+def number(pattern: str, text: str) -> int:
+    return int(re.search(pattern, text).group(1).replace(",", ""))
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Preflight reads model configs only: loading weights fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("preflight loaded model weights")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_config", refuse)
+
+
+def test_sft_preflight_on_alpaca_shows_samples_and_counts(capsys, tiny_llama_dir, shared_data, tmp_path,
+                                                         no_weights):
+    alpaca = shared_data / "alpaca_en_demo.json"
+    overrides = sft_overrides(tiny_llama_dir, alpaca, tmp_path, "--cutoff_len", "512")
+    code, out = preflight(capsys, None, *overrides)
+    assert code == 0 and "Preflight passed" in out, out
+
+    # Which samples are longer than cutoff_len, counted independently through the tokenizer's own
+    # apply_chat_template: exactly those are truncated, and they are the ones whose <|im_end|> is cut off.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    chatml = resolve_template(tokenizer, "chatml")
+    conversations, _ = load_conversations([alpaca])
+    encodings = [tokenizer.apply_chat_template(c.messages, chat_template=chatml) for c in conversations]
+    lengths = [len(encoding["input_ids"]) for encoding in encodings]
+    longer = sum(length > 512 for length in lengths)
+    assert 50 < longer < 500
+    assert f"999 rows (alpaca) → 999 samples, {sum(min(n, 512) for n in lengths):,} tokens" in out
+    assert f"Truncated samples: {longer}; dropped samples: 0; skipped rows: 0." in out
+    assert f"End of turn '<|im_end|>' trained in {999 - longer:,} of 999 samples." in out
+    assert f"warning: {longer} sample(s) do not train the end-of-turn marker" in out
+    assert "Round trip text → tokens → text: 999 of 999 samples come back unchanged." in out
+    assert "A packed batch of 4 samples keeps" in out
+
+    # Three samples are shown; without colours the trained text is written between ⟦ and ⟧.
+    assert re.findall(r"Sample (\d+) of 999", out) == ["1", "500", "999"]
+    last = out[out.index("Sample 999 of 999"):]
+    answer = conversations[-1].messages[-1]["content"]
+    assert f"<|im_start|>assistant\n⟦{answer}<|im_end|>⟧" in last
+    assert number(r"Sample 999 of 999: \d+ tokens, (\d+) trained", out) == \
+        len(tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"])
+    assert "context max_position_embeddings 512 for cutoff_len 512" in out
+    assert "Training would take 750 optimizer steps: 999 samples, 4 a step" in out
+
+
+def test_pt_preflight_counts_blocks_and_checks_the_context(capsys, tiny_llama_config_path, tokenizer_dir,
+                                                           shared_data, tmp_path, no_weights):
+    overrides = ["--model_config", str(tiny_llama_config_path),
+                 "--tokenizer_name_or_path", str(tokenizer_dir),
+                 "--dataset", str(shared_data / "wiki_demo.txt"), "--block_size", "128",
+                 "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out")]
+    code, out = preflight(capsys, REPO / "configs" / "tiny-llama-pretrain.yaml", *overrides)
+    assert code == 0 and "Preflight passed" in out, out
+    tokens, blocks = number(r"→ ([\d,]+) tokens →", out), number(r"→ ([\d,]+) blocks of 128", out)
+    assert number(r"Pretraining data: ([\d,]+) documents", out) == 30
+    assert blocks == -(-tokens // 128) and f"{blocks * 128 - tokens} padding positions" in out
+    assert f"Training would take {-(-blocks // 8) * 4:,} optimizer steps: {blocks:,} blocks, 8 a step" in out
+    assert out.count("Reusing the tokenized pretraining data") == 0
+
+    code, out = preflight(capsys, REPO / "configs" / "tiny-llama-pretrain.yaml", *overrides[:-4],
+                          "--block_size", "1024", "--output_dir", str(tmp_path / "out"))
+    assert code == 2 and "problem: block_size 1024 is longer than the model's context" in out
+    assert "Preflight failed" in out
+
+
+def test_text_rows_that_never_train_an_end_of_turn_are_fatal(capsys, tiny_llama_dir, tmp_path):
+    path = tmp_path / "plain.jsonl"
+    path.write_text("".join(json.dumps({"text": f"Plain sentence number {i}."}) + "\n" for i in range(5)))
+    code, out = preflight(capsys, None, *sft_overrides(tiny_llama_dir, path, tmp_path / "out"))
+    assert code == 2
+    assert "End of turn '<|im_end|>' trained in 0 of 5 samples." in out
+    assert "problem: no sample trains the end-of-turn marker '<|im_end|>'" in out
+
+
+def test_a_tokenizer_that_changes_the_text_is_fatal(capsys, tiny_llama_dir, shared_data, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tokenizer.backend_tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.save_pretrained(tmp_path / "lowercase")
+    identity = shared_data / "identity.json"
+    lowercase = ("--tokenizer_name_or_path", str(tmp_path / "lowercase"))
+    overrides = sft_overrides(tiny_llama_dir, identity, tmp_path / "out", *lowercase)
+    code, out = preflight(capsys, None, *overrides)
+    assert code == 2
+    unchanged = number(r"Round trip text → tokens → text: (\d+) of 91 samples come back unchanged", out)
+    assert unchanged < 91 and f"{91 - unchanged} sample(s) do not survive tokenize → decode, e.g." in out
+    assert "problem:" in out and "The tokenizer changes the text" in out
+
+
+class MasksPadById(PaddedCollator):
+    """The classic mistake: labels of every pad-token id masked, which with pad = eos masks the eos."""
+
+    def __call__(self, features):
+        batch = super().__call__(features)
+        batch["labels"][batch["input_ids"] == self.pad_token_id] = IGNORE_INDEX
+        return batch
+
+
+def test_padding_masked_by_id_with_pad_equal_to_eos_is_fatal(capsys, monkeypatch, tiny_llama_dir, tmp_path):
+    path = tmp_path / "qa.jsonl"
+    rows = [{"instruction": f"Question {i}?", "output": "Answer " * (i + 1)} for i in range(6)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    more = ("--template", "llama2", "--packing", "false", "--pad_token", "eos")
+    code, out = preflight(capsys, None, *sft_overrides(tiny_llama_dir, path, tmp_path / "out"), *more)
+    assert code == 0 and "A padded (right) batch of 4 samples keeps" in out
+    assert "pad = eos, and padding is masked by position" in out
+
+    monkeypatch.setattr(infuse.data.sft, "make_collator", lambda tokenizer, packing: MasksPadById(
+        tokenizer.pad_token_id))
+    code, out = preflight(capsys, None, *sft_overrides(tiny_llama_dir, path, tmp_path / "out"), *more)
+    trained = number(r"keeps \d+ of their (\d+) trained labels", out)
+    assert code == 2 and f"keeps {trained - 4} of their {trained} trained labels" in out  # 4 lost </s>
+    assert "problem: batching changes the trained labels" in out

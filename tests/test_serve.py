@@ -1,0 +1,375 @@
+"""The HTTP server on a random loopback port: two tiny models and one adapter on the first.
+
+Every generation the server makes is compared token for token with ``model.generate`` of the
+same model (and adapter) loaded locally; one server, with an API key, answers all tests but the
+overload one.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from openai import OpenAI
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from infuse.errors import InfuseError
+from infuse.serve import ServeOptions, start_server
+from infuse.serve.registry import check_safetensors, end_of_turn_ids, parse_model_specs
+from infuse.serve.vllm import run_vllm, vllm_command
+
+# peft reads a renamed transformers attribute when the reference adapter is loaded; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
+KEY = "test-key"
+SEED_PAYLOAD = {"inputs": "Amazon EC2 P5 instances are equipped with GPUs of the type",
+                "parameters": {"max_new_tokens": 200, "top_p": 0.9, "temperature": 0.01,
+                               "return_full_text": False}}
+PROMPTS = ["The history of", "Anarchism is a political philosophy that", "In 1999 the company", "A",
+           "Question: what is the capital of France? Answer:", "def main():\n    return"]
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, tiny_llama_dir) -> Path:
+    """A LoRA adapter on the tiny Llama, its lora_B made nonzero so that it changes the output."""
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    out = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory, tiny_llama_config_path, tokenizer) -> Path:
+    """A second tiny model of another architecture (Qwen2) with the same tokenizer."""
+    spec = json.loads(tiny_llama_config_path.read_text())
+    sizes = {k: v for k, v in spec.items() if k not in ("model_type", "architectures")}
+    config = AutoConfig.for_model("qwen2", **sizes)
+    config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    torch.manual_seed(2)
+    out = tmp_path_factory.mktemp("qwen")
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir, adapter_dir, qwen_dir):
+    with start_server({"base": str(tiny_llama_dir), "infused": f"{tiny_llama_dir}+{adapter_dir}",
+                       "qwen": str(qwen_dir)}, api_key=KEY, max_new_tokens=256, max_input_tokens=300,
+                      max_body_bytes=100_000) as handle:
+        yield handle
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as client:
+        yield client
+
+
+class Local:
+    """A model and its tokenizer loaded the ordinary way, for reference generations."""
+
+    def __init__(self, model, folder: Path):
+        self.model = model.eval()
+        # From the model's own dir, as a user would: for a qwen2 config, AutoTokenizer picks
+        # Qwen2Tokenizer, which splits digits differently from the tokenizer it was saved from.
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text).input_ids
+
+    def ids(self, prompt: str | list[int], max_new_tokens: int, eos: list[int] | None = None) -> list[int]:
+        prompt_ids = self.encode(prompt) if isinstance(prompt, str) else prompt
+        with torch.no_grad():
+            out = self.model.generate(torch.tensor([prompt_ids]), do_sample=False,
+                                      max_new_tokens=max_new_tokens,
+                                      eos_token_id=eos or self.tokenizer.eos_token_id,
+                                      pad_token_id=self.tokenizer.pad_token_id)
+        return out[0, len(prompt_ids):].tolist()
+
+    def text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def local(tiny_llama_dir, adapter_dir, qwen_dir) -> dict[str, Local]:
+    infused = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), adapter_dir)
+    return {"base": Local(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tiny_llama_dir),
+            "infused": Local(infused, tiny_llama_dir),
+            "qwen": Local(AutoModelForCausalLM.from_pretrained(qwen_dir), qwen_dir)}
+
+
+def generate(http, inputs: str, **parameters) -> dict:
+    response = http.post("/generate", json={"inputs": inputs, "parameters": {"details": True, **parameters}})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def token_ids(reply: dict) -> list[int]:
+    return [token["id"] for token in reply["details"]["tokens"]]
+
+
+# ---------------------------------------------------------------- TGI routes
+
+
+def test_seed_payload_on_generate_and_invocations_is_greedy_and_token_identical(http, local):
+    reply = http.post("/generate", json=SEED_PAYLOAD)
+    wrapped = http.post("/invocations", json=SEED_PAYLOAD)
+    assert reply.status_code == wrapped.status_code == 200
+    expected = local["base"].ids(SEED_PAYLOAD["inputs"], 200)
+    text = local["base"].text(expected)
+    assert reply.json() == {"generated_text": text}
+    assert wrapped.json() == [{"generated_text": text}]
+    detailed = generate(http, SEED_PAYLOAD["inputs"], **SEED_PAYLOAD["parameters"])
+    assert token_ids(detailed) == expected and detailed["details"]["generated_tokens"] == len(expected)
+
+
+def test_adapter_changes_the_output_exactly_as_loading_it_locally(http, local):
+    prompt = PROMPTS[1]
+    by_adapter_id = generate(http, prompt, max_new_tokens=40, adapter_id="infused")
+    by_model = http.post("/generate", json={"inputs": prompt, "model": "infused",
+                                            "parameters": {"max_new_tokens": 40, "details": True}}).json()
+    base = generate(http, prompt, max_new_tokens=40)
+    assert token_ids(by_adapter_id) == token_ids(by_model) == local["infused"].ids(prompt, 40)
+    assert token_ids(base) == local["base"].ids(prompt, 40)
+    assert token_ids(base) != token_ids(by_adapter_id)
+
+
+def test_concurrent_requests_on_both_models_and_the_adapter_share_passes_and_stay_identical(
+        http, server, local):
+    jobs = [(model, prompt, 12 + 7 * (i % 4)) for i, (model, prompt) in
+            enumerate((m, p) for p in PROMPTS for m in ("base", "infused", "qwen"))]
+    engine = server.registry.models["base"].engine
+    passes_before, tokens_before = engine.stats["forward_passes"], engine.stats["generated_tokens"]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        replies = list(pool.map(lambda job: http.post("/generate", json={
+            "inputs": job[1], "model": job[0], "parameters": {"max_new_tokens": job[2], "details": True}}),
+            jobs))
+    for (model, prompt, n), reply in zip(jobs, replies, strict=True):
+        assert reply.status_code == 200, reply.text
+        assert token_ids(reply.json()) == local[model].ids(prompt, n), (model, prompt)
+    passes = engine.stats["forward_passes"] - passes_before
+    tokens = engine.stats["generated_tokens"] - tokens_before
+    assert passes < tokens / 2, (passes, tokens)  # base and adapter rows decoded together
+
+
+def test_generate_stream_sends_each_token_and_the_full_text_last(http):
+    with http.stream("POST", "/generate_stream", json={"inputs": PROMPTS[0], "parameters": {
+            "max_new_tokens": 30, "return_full_text": True}}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data:")]
+    whole = generate(http, PROMPTS[0], max_new_tokens=30)
+    assert [e["token"]["id"] for e in events] == token_ids(whole)
+    assert all(e["generated_text"] is None for e in events[:-1])
+    assert events[-1]["generated_text"] == PROMPTS[0] + whole["generated_text"]
+    assert "".join(e["token"]["text"] for e in events) == whole["generated_text"]
+
+
+def test_seed_makes_sampling_reproducible_and_a_tiny_top_p_is_greedy(http):
+    sampled = dict(max_new_tokens=25, do_sample=True, temperature=1.0)
+    first = generate(http, PROMPTS[2], seed=7, **sampled)
+    again = generate(http, PROMPTS[2], seed=7, **sampled)
+    other = generate(http, PROMPTS[2], seed=8, **sampled)
+    greedy = generate(http, PROMPTS[2], max_new_tokens=25, do_sample=False)
+    nucleus = generate(http, PROMPTS[2], seed=9, top_p=1e-6, **sampled)
+    assert token_ids(first) == token_ids(again) and first["details"]["seed"] == 7
+    assert token_ids(first) != token_ids(other) != token_ids(greedy)
+    assert token_ids(nucleus) == token_ids(greedy)
+
+
+def test_stop_sequence_ends_the_text_before_it(http):
+    full = generate(http, PROMPTS[3], max_new_tokens=40)["generated_text"]
+    stop = full[12:16]
+    assert stop.strip(), full
+    cut = generate(http, PROMPTS[3], max_new_tokens=40, stop=[stop])
+    assert cut["generated_text"] == full[:full.index(stop)]
+    assert cut["details"]["finish_reason"] == "stop_sequence"
+    with http.stream("POST", "/generate_stream", json={"inputs": PROMPTS[3], "parameters": {
+            "max_new_tokens": 40, "stop": [stop]}}) as response:
+        events = [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data:")]
+    assert "".join(e["token"]["text"] for e in events) == full[:full.index(stop)]
+
+
+def test_invocations_takes_a_list_of_inputs(http):
+    reply = http.post("/invocations", json={"inputs": PROMPTS[:2], "parameters": {"max_new_tokens": 10}})
+    singles = [generate(http, p, max_new_tokens=10)["generated_text"] for p in PROMPTS[:2]]
+    assert [r["generated_text"] for r in reply.json()] == singles
+
+
+# ---------------------------------------------------------------- OpenAI routes
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+
+
+def test_openai_client_lists_models_and_completes_like_local_generation(client, local):
+    assert [m.id for m in client.models.list().data] == ["base", "infused", "qwen"]
+    completion = client.completions.create(model="qwen", prompt=PROMPTS[4], max_tokens=20, temperature=0)
+    expected = local["qwen"].ids(PROMPTS[4], 20)
+    assert completion.choices[0].text == local["qwen"].text(expected)
+    assert completion.usage.completion_tokens == len(expected)
+    assert completion.usage.prompt_tokens == len(local["qwen"].encode(PROMPTS[4]))
+    streamed = client.completions.create(model="qwen", prompt=PROMPTS[4], max_tokens=20, temperature=0,
+                                         stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed) == completion.choices[0].text
+
+
+def test_openai_chat_uses_the_chat_template_and_streams_the_same_answer(client, local):
+    messages = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "Name a colour."}]
+    reply = client.chat.completions.create(model="infused", messages=messages, max_tokens=30, temperature=0)
+    tokenizer = local["infused"].tokenizer
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    expected = local["infused"].ids(prompt, 30, eos=[tokenizer.eos_token_id, im_end])
+    assert reply.choices[0].message.content == local["infused"].text(expected)
+    assert reply.choices[0].message.role == "assistant" and reply.model == "infused"
+    assert reply.usage.prompt_tokens == len(prompt)
+    chunks = list(client.chat.completions.create(model="infused", messages=messages, max_tokens=30,
+                                                 temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == reply.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+
+
+def test_end_of_turn_token_is_read_from_the_chat_template(tokenizer):
+    assert end_of_turn_ids(tokenizer) == {tokenizer.convert_tokens_to_ids("<|im_end|>")}
+
+
+# ---------------------------------------------------------------- errors and limits
+
+
+def test_requests_without_the_right_bearer_token_get_401(server):
+    assert httpx.post(f"{server.url}/generate", json=SEED_PAYLOAD).status_code == 401
+    wrong = httpx.post(f"{server.url}/generate", json=SEED_PAYLOAD, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(f"{server.url}/v1/models").json()["error"]["type"] == "authentication_error"
+    assert httpx.get(f"{server.url}/health").status_code == 200  # liveness probes need no key
+
+
+def test_unknown_model_gets_404_in_each_protocol_shape(http, client):
+    tgi = http.post("/generate", json={"inputs": "x", "parameters": {"adapter_id": "nope"}})
+    assert tgi.status_code == 404 and "served models: base, infused, qwen" in tgi.json()["error"]
+    import openai
+
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.completions.create(model="nope", prompt="x", max_tokens=3)
+    assert "nope" in caught.value.message
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"inputs": "x", "parameters": {"top_p": 2}},
+     "parameters.top_p: Input should be less than or equal to 1"),
+    ({"inputs": "", "parameters": {}}, "inputs: String should have at least 1 character"),
+    ({"parameters": {}}, "inputs: Field required"),
+    ({"inputs": "x", "parameters": {"max_new_tokens": 1000}},
+     "max_new_tokens 1000 is more than this server allows"),
+    ({"inputs": "word " * 400}, "takes at most 300"),
+    ({"inputs": "x" * 200_000}, "larger than 100000 bytes"),
+])
+def test_invalid_requests_get_a_readable_422_or_413(http, body, message):
+    response = http.post("/generate", json=body)
+    assert response.status_code == (413 if "bytes" in message else 422)
+    assert message in response.json()["error"], response.json()
+
+
+def test_openai_validation_errors_use_the_openai_shape(client):
+    import openai
+
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        client.chat.completions.create(model="base", messages=[], max_tokens=3)
+    assert "messages: List should have at least 1 item" in caught.value.message
+
+
+def test_a_full_queue_answers_503_with_retry_after(tiny_llama_dir):
+    with start_server({"base": str(tiny_llama_dir)}, max_batch_size=1, max_queue=0) as handle:
+        body = {"inputs": "The", "parameters": {"max_new_tokens": 300}}
+        with ThreadPoolExecutor(6) as pool:
+            replies = list(pool.map(lambda _: httpx.post(f"{handle.url}/generate", json=body, timeout=60),
+                                    range(6)))
+        metrics = httpx.get(f"{handle.url}/metrics").text
+    refused = [r for r in replies if r.status_code == 503]
+    assert refused and len(refused) < 6, [r.status_code for r in replies]
+    assert refused[0].headers["retry-after"] == "1" and refused[0].json()["error_type"] == "overloaded"
+    assert f"infuse_rejected_total {len(refused)}" in metrics
+
+
+def test_a_client_that_disconnects_stops_its_generation(http, server):
+    engine = server.registry.models["qwen"].engine
+    tokens_before = engine.stats["generated_tokens"]
+    with http.stream("POST", "/generate_stream", json={"inputs": "The", "model": "qwen",
+                                                       "parameters": {"max_new_tokens": 256}}) as response:
+        next(response.iter_lines())
+    for _ in range(200):
+        if engine.load == (0, 0):
+            break
+        threading.Event().wait(0.02)
+    assert engine.load == (0, 0)
+    assert engine.stats["generated_tokens"] - tokens_before < 200
+    assert 'infuse_generations_total{model="qwen",reason="cancelled"} 1' in http.get("/metrics").text
+
+
+def test_health_and_metrics_report_what_happened(http):
+    generate(http, "The", max_new_tokens=5)
+    health = http.get("/health").json()
+    assert health["status"] == "ok" and health["models"] == ["base", "infused", "qwen"]
+    metrics = http.get("/metrics").text
+    assert "# TYPE infuse_requests_total counter" in metrics
+    assert 'infuse_requests_total{endpoint="/generate",status="200"}' in metrics
+    generated = next(line for line in metrics.splitlines()
+                     if line.startswith('infuse_generated_tokens_total{model="base"}'))
+    assert int(generated.split()[-1]) >= 5
+
+
+# ---------------------------------------------------------------- safety and vLLM
+
+
+def test_pickled_weights_are_refused(tmp_path, tiny_llama_dir):
+    (tmp_path / "config.json").write_text((tiny_llama_dir / "config.json").read_text())
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(InfuseError, match="pickled .bin"):
+        check_safetensors(str(tmp_path), None)
+
+
+def test_model_specs_are_parsed_and_bad_ones_explained():
+    assert parse_model_specs(["a=m", "b=m+ad", "out/run"]) == {"a": "m", "b": "m+ad", "run": "out/run"}
+    with pytest.raises(InfuseError, match="given twice"):
+        parse_model_specs(["a=m", "a=n"])
+    with pytest.raises(InfuseError, match="NAME=PATH"):
+        parse_model_specs(["=m"])
+
+
+def test_vllm_command_maps_models_and_flags(tiny_llama_dir, adapter_dir):
+    options = ServeOptions(host="0.0.0.0", port=9000, api_key="k", dtype="bfloat16")
+    models = {"base": str(tiny_llama_dir), "infused": f"{tiny_llama_dir}+{adapter_dir}"}
+    command = vllm_command(models, options)
+    assert command == ["vllm", "serve", str(tiny_llama_dir), "--host", "0.0.0.0", "--port", "9000",
+                       "--served-model-name", "base", "--enable-lora",
+                       "--lora-modules", f"infused={adapter_dir}",
+                       "--max-loras", "1", "--max-lora-rank", "8", "--api-key", "k", "--dtype", "bfloat16"]
+
+
+def test_vllm_needs_one_base_and_an_install(tiny_llama_dir, qwen_dir):
+    with pytest.raises(InfuseError, match="one base model per process"):
+        vllm_command({"a": str(tiny_llama_dir), "b": str(qwen_dir)}, ServeOptions())
+    with pytest.raises(InfuseError, match=r"pip install 'infuse-llm\[vllm\]'"):
+        run_vllm({"a": str(tiny_llama_dir)}, ServeOptions())

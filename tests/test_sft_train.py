@@ -1,0 +1,70 @@
+"""Acceptance: a tiny chat model fine-tuned with `stage: sft` answers held-in questions and stops at
+end-of-turn, through nothing but what the run saved (weights, tokenizer + template, generation config)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+from rich.console import Console
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from infuse.config import config_from_dict
+from infuse.train import run
+
+MAX_NEW_TOKENS = 24
+STEPS = 150  # every answer is already right after 40 steps; the rest is margin
+QA = {
+    "What colour is the sky on a clear day?": "Blue.",
+    "Which city is the capital of France?": "Paris.",
+    "How many legs does a spider have?": "Eight.",
+    "What do bees make?": "Honey.",
+    "Which planet is the largest?": "Jupiter.",
+    "What is frozen water called?": "Ice.",
+    "Which animal is known as the king of the jungle?": "Lion.",
+    "What is the opposite of hot?": "Cold.",
+}
+
+
+@pytest.fixture
+def one_thread():
+    """A 2-layer, 64-wide model trains several times faster on one thread than on two that wait for
+    each other (and on a machine shared with other jobs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_tiny_chat_model_answers_held_in_questions_and_stops_at_end_of_turn(
+    tiny_llama_dir, tmp_path, one_thread
+):
+    data = tmp_path / "qa.jsonl"
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in QA.items()]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "chat"
+    config = config_from_dict({
+        "stage": "sft", "model_name_or_path": str(tiny_llama_dir), "dataset": [str(data)],
+        "template": "chatml", "finetuning_type": "full", "cutoff_len": 128, "output_dir": str(out),
+        "max_steps": STEPS,
+        "per_device_train_batch_size": 8, "learning_rate": 3e-3, "lr_scheduler_type": "constant",
+        "warmup_steps": 0, "logging_steps": 50, "save_steps": 1000, "report_to": "none", "seed": 0,
+    })
+    run(config, Console(file=io.StringIO()))
+
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert im_end in model.generation_config.eos_token_id
+    for question, answer in QA.items():
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                               add_generation_prompt=True, return_tensors="pt")
+        assert tokenizer.decode(prompt["input_ids"][0]).endswith("<|im_start|>assistant\n")
+        with torch.no_grad():
+            generated = model.generate(**prompt, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+        new = generated[0, prompt["input_ids"].shape[1]:].tolist()
+        assert tokenizer.decode(new, skip_special_tokens=True) == answer, (question, tokenizer.decode(new))
+        assert new[-1] == im_end and len(new) < MAX_NEW_TOKENS  # stopped on end-of-turn, not on the limit
