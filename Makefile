@@ -24,6 +24,9 @@ demo: install
 
 bench: install
 	$(BIN)/python benchmarks/pack.py
+	$(BIN)/python benchmarks/sft.py
+	$(BIN)/python benchmarks/serve.py
+	$(BIN)/python benchmarks/eval_speed.py
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

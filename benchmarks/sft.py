@@ -11,7 +11,19 @@ group_by_length would see only the longest ones: it puts them first).
 A third side runs the seed's method on a plain transformers ``Trainer`` (padded, length-grouped
 batches of the same texts, loss on all of them): what SFTTrainer was when the seed was written,
 without TRL 1.16's chunked log-prob LM head and per-step metrics. It tells the cost of padding and
-of a whole-text loss apart from the cost of TRL itself.
+of a whole-text loss apart from the cost of TRL itself. A fourth side is infuse without what
+``infuse.packing`` adds (attention per packed sample, logits only where trained): the same batches
+and loss, through sdpa's block-diagonal mask over the whole row and the LM head on every position.
+
+Packing changes how a step's samples are laid out, not which or how many: every side takes 4
+samples a step, 40 steps. The machine is shared and noisy, so all sides run in one process, one
+after the other, and the whole round is repeated (``--repeats``, the order reversed each round);
+every round is reported.
+
+The held-out loss of one run depends on the order the samples came in (the training seed; the
+starting model is the same). So infuse and TRL also train with a few other seeds (``--loss-seeds``),
+and their held-out assistant losses are reported side by side: equal-or-lower loss is judged on all
+of them, not on one draw.
 
 Counted on the batches each side's collator really produced:
 
@@ -20,13 +32,14 @@ Counted on the batches each side's collator really produced:
   seed trains every token of the text, prompts included (TRL 1.16 on a ``text`` column).
 - assistant tokens: the trained tokens that are answers and their <|im_end|> (what a chat model
   is trained for), counted for the seed sides with infuse's labels of the same samples.
-- real tokens: positions that are not padding; positions: all positions computed.
+- real tokens: positions that are not padding; positions: all positions computed; samples.
 
 Per second means per second of the Trainer's training loop (``train_runtime``, the same clock for
 every side). Loss: the last logged training loss of each side (each on its own objective), and the
 loss of each final model on the held-out conversations, on assistant tokens and on all tokens.
 
-    .venv/bin/python benchmarks/sft.py [--samples 160] [--batch-size 4] [--threads 1]
+    .venv/bin/python benchmarks/sft.py [--samples 160] [--batch-size 4] [--threads 1] [--repeats 2]
+                                       [--loss-seeds 1 2 3]
 
 Prints one JSON line and writes it to results/sft.json.
 """
@@ -43,8 +56,9 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from rich.console import Console
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer
 
+import infuse.packing
 import infuse.train
 from infuse.config import config_from_dict
 from infuse.data.formats import load_conversations
@@ -65,10 +79,11 @@ class CountingCollator:
 
     def __init__(self, collator, count_answers=None):
         self.collator, self.count_answers = collator, count_answers
-        self.trained = self.real = self.positions = self.answers = 0
+        self.trained = self.real = self.positions = self.answers = self.samples = 0
 
     def __call__(self, features):
         batch = self.collator(features)
+        self.samples += len(features)
         labels = batch["labels"]
         self.trained += int((labels[:, 1:] != IGNORE_INDEX).sum())
         mask = batch.get("attention_mask")
@@ -80,8 +95,10 @@ class CountingCollator:
 
     def counts(self, seconds: float) -> dict:
         answers = self.answers or self.trained
-        return {"trained_tokens": self.trained, "assistant_tokens": answers, "real_tokens": self.real,
-                "positions": self.positions, "padding_share": round(1 - self.real / self.positions, 4),
+        return {"samples": self.samples, "trained_tokens": self.trained, "assistant_tokens": answers,
+                "real_tokens": self.real, "positions": self.positions,
+                "padding_share": round(1 - self.real / self.positions, 4),
+                "samples_per_s": round(self.samples / seconds, 3),
                 "trained_tokens_per_s": round(self.trained / seconds, 1),
                 "assistant_tokens_per_s": round(answers / seconds, 1),
                 "real_tokens_per_s": round(self.real / seconds, 1)}
@@ -114,7 +131,9 @@ def training_keys(args, output_dir: Path) -> dict:
             "seed": args.seed, "dataloader_num_workers": 0, "disable_tqdm": True}
 
 
-def run_infuse(args, model_dir: Path, train_file: Path, output_dir: Path) -> tuple[dict, CountingCollator]:
+def run_infuse(args, model_dir: Path, train_file: Path, output_dir: Path,
+               speedups: bool = True) -> tuple[dict, CountingCollator]:
+    """An infuse SFT run; ``speedups=False`` leaves out what ``infuse.packing`` adds (the previous method)."""
     config = config_from_dict({
         "stage": "sft", "model_name_or_path": str(model_dir), "dataset": [str(train_file)],
         "template": "chatml", "finetuning_type": "full", "cutoff_len": args.cutoff_len,
@@ -122,18 +141,23 @@ def run_infuse(args, model_dir: Path, train_file: Path, output_dir: Path) -> tup
         **training_keys(args, output_dir), "save_steps": 10**6,
     })
     counter = {}
-    build = infuse.train.build_data
 
-    def counted(*a, **k):  # count the batches the run's own collator makes
-        data = build(*a, **k)
-        data.collator = counter["c"] = CountingCollator(data.collator)
-        return data
+    class CountingTrainer(Trainer):  # counts the batches of the run's own collator, as the run set it up
+        def __init__(self, *a, data_collator, **k):
+            counter["c"] = CountingCollator(data_collator)
+            super().__init__(*a, data_collator=counter["c"], **k)
 
-    infuse.train.build_data = counted
+    def without_speedups(model, collator, label_smoothing=0.0):
+        return {"sample_attention": False, "logits_where_trained": False}
+
+    originals = infuse.train.Trainer, infuse.packing.prepare_sft_batches
+    infuse.train.Trainer = CountingTrainer
+    if not speedups:
+        infuse.packing.prepare_sft_batches = without_speedups
     try:
         manifest = infuse.train.run(config, Console(file=io.StringIO()))
     finally:
-        infuse.train.build_data = build
+        infuse.train.Trainer, infuse.packing.prepare_sft_batches = originals
     return manifest, counter["c"]
 
 
@@ -164,7 +188,7 @@ def run_plain_seed(args, model_dir: Path, train, tokenizer, template: str, outpu
     """The seed's method on a plain transformers Trainer (what SFTTrainer did when the seed was
     written): the same texts and padded, length-grouped batches, without TRL 1.16's chunked
     log-prob LM head and per-step metrics. It tells padding costs apart from TRL's own."""
-    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+    from transformers import DataCollatorForLanguageModeling, TrainingArguments
 
     ids = [tokenizer(text, add_special_tokens=False, truncation=True, max_length=args.cutoff_len)["input_ids"]
            for text in seed_texts(train, tokenizer, template)]
@@ -228,9 +252,54 @@ def summary(counter: CountingCollator, metrics: dict, log_history: list[dict], m
 def ratios(ours: dict, other: dict) -> dict:
     """ours / other: above 1 for speeds means infuse is faster; below 1 for losses, that it is lower."""
     speeds = {key: round(ours[key] / other[key], 3)
-              for key in ("trained_tokens_per_s", "assistant_tokens_per_s", "real_tokens_per_s")}
+              for key in ("trained_tokens_per_s", "assistant_tokens_per_s", "real_tokens_per_s", "samples_per_s")}
     loss = ours["held_out_loss"]["assistant"] / other["held_out_loss"]["assistant"]
     return {**speeds, "held_out_assistant_loss": round(loss, 3)}
+
+
+SIDES = ("infuse", "infuse_previous", "seed_trl_sfttrainer", "seed_method_plain_trainer")
+
+
+def run_side(name: str, args, workdir: Path, model_dir: Path, train_file: Path, train, held_out, tokenizer,
+             template: str) -> dict:
+    """One side trained from the same start, summarised."""
+    output_dir = workdir / name
+    common = (tokenizer, held_out, template, args.cutoff_len)
+    if name.startswith("infuse"):
+        manifest, counter = run_infuse(args, model_dir, train_file, output_dir, speedups=name == "infuse")
+        trained = AutoModelForCausalLM.from_pretrained(output_dir, dtype=torch.float32)
+        result = summary(counter, manifest["metrics"], manifest["log_history"], trained, *common)
+        return {**result, "steps": manifest["log_history"][-1]["step"],
+                "speedups": manifest["data"]["train"]["speedups"]}
+    side = run_seed if name == "seed_trl_sfttrainer" else run_plain_seed
+    trainer, metrics, counter = side(args, model_dir, train, tokenizer, template, output_dir)
+    result = summary(counter, metrics, trainer.state.log_history, trainer.model, *common)
+    return {**result, "steps": trainer.state.global_step}
+
+
+def one_round(sides: dict) -> dict:
+    ours = sides["infuse"]
+    return {**sides,
+            "ratios_vs_trl": ratios(ours, sides["seed_trl_sfttrainer"]),
+            "ratios_vs_plain_trainer": ratios(ours, sides["seed_method_plain_trainer"]),
+            "ratios_vs_infuse_previous": ratios(ours, sides["infuse_previous"])}
+
+
+def losses_by_seed(args, seeds: list[int], workdir: Path, *common) -> dict[str, list[float]]:
+    """Held-out assistant loss of infuse and TRL trained with each of ``seeds`` (sample orders)."""
+    losses: dict[str, list[float]] = {"infuse": [], "seed_trl_sfttrainer": []}
+    for seed in seeds:
+        seeded = argparse.Namespace(**{**vars(args), "seed": seed})
+        for name, values in losses.items():
+            values.append(run_side(name, seeded, workdir / f"seed{seed}", *common)["held_out_loss"]["assistant"])
+    return losses
+
+
+def compare_losses(seeds: list[int], losses: dict[str, list[float]]) -> dict:
+    ours, theirs = losses["infuse"], losses["seed_trl_sfttrainer"]
+    return {"seeds": seeds, "held_out_assistant_loss": losses,
+            "mean": {name: round(sum(values) / len(values), 4) for name, values in losses.items()},
+            "infuse_lower_or_equal": f"{sum(a <= b for a, b in zip(ours, theirs, strict=True))} of {len(seeds)}"}
 
 
 def main() -> None:
@@ -241,33 +310,37 @@ def main() -> None:
     parser.add_argument("--cutoff-len", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every side")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of all sides, order reversed each round")
+    parser.add_argument("--loss-seeds", type=int, nargs="*", default=[1, 2, 3],
+                        help="more training seeds for the held-out loss comparison (infuse and TRL only)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    rounds = []
     with tempfile.TemporaryDirectory(prefix="infuse-sft-bench-") as tmp:
         workdir = Path(tmp)
         model_dir, train_file, train, held_out = prepare(workdir, args.samples, args.seed)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         template = tokenizer.chat_template
-        common = (tokenizer, held_out, template, args.cutoff_len)
+        for index in range(args.repeats):
+            order = SIDES if index % 2 == 0 else SIDES[::-1]
+            sides = {name: run_side(name, args, workdir / f"round{index}", model_dir, train_file, train, held_out,
+                                    tokenizer, template) for name in order}
+            rounds.append({"order": list(order), **one_round({name: sides[name] for name in SIDES})})
+        losses = losses_by_seed(args, args.loss_seeds, workdir, model_dir, train_file, train, held_out,
+                                tokenizer, template)
+        for name, values in losses.items():  # the timed rounds' seed first
+            values.insert(0, rounds[0][name]["held_out_loss"]["assistant"])
 
-        manifest, counter = run_infuse(args, model_dir, train_file, workdir / "ours")
-        trained = AutoModelForCausalLM.from_pretrained(workdir / "ours", dtype=torch.float32)
-        ours = summary(counter, manifest["metrics"], manifest["log_history"], trained, *common)
-        sides = {"infuse": ours}
-        for name, side in (("seed_trl_sfttrainer", run_seed), ("seed_method_plain_trainer", run_plain_seed)):
-            trainer, metrics, counter = side(args, model_dir, train, tokenizer, template, workdir / name)
-            sides[name] = summary(counter, metrics, trainer.state.log_history, trainer.model, *common)
-            sides[name]["steps"] = trainer.state.global_step
-        ours["steps"] = manifest["log_history"][-1]["step"]
-
+    per_round = {key: {name: [r[key][name] for r in rounds] for name in rounds[0][key]}
+                 for key in ("ratios_vs_trl", "ratios_vs_plain_trainer", "ratios_vs_infuse_previous")}
     result = {
         "benchmark": "sft", "samples": len(train), "epochs": 1, "batch_size": args.batch_size, "lr": args.lr,
         "threads": args.threads, "cpu_count": os.cpu_count(), "model": MODEL,
         "data": f"alpaca_en_demo.json: first {len(train)} rows trained, last {len(held_out)} held out",
-        **sides,
-        "ratios_vs_trl": ratios(ours, sides["seed_trl_sfttrainer"]),
-        "ratios_vs_plain_trainer": ratios(ours, sides["seed_method_plain_trainer"]),
+        "ratios_by_round": per_round,
+        "held_out_loss_by_seed": compare_losses([args.seed, *args.loss_seeds], losses),
+        "rounds": rounds,
     }
     line = json.dumps(result)
     print(line)

@@ -299,3 +299,14 @@ def test_isolated_documents_give_each_document_the_logits_it_has_alone(tokenizer
         if start > 0:  # without isolation a later document sees the earlier ones
             assert not torch.allclose(shared[start:end], alone[: end - start], atol=1e-3)
         start = end
+
+
+def test_conversation_rows_are_rendered_by_the_chat_template(tokenizer, tmp_path):
+    path = tmp_path / "chat.jsonl"
+    messages = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+    path.write_text(json.dumps({"messages": messages}) + "\n" + json.dumps({"text": "Plain text."}) + "\n")
+    rendered, plain = load_texts([path], tokenizer=tokenizer)
+    assert rendered == tokenizer.apply_chat_template(messages, tokenize=False)
+    assert "<|im_start|>assistant\nHello.<|im_end|>" in rendered and plain == "Plain text."
+    with pytest.raises(InfuseError, match="chat.jsonl:1.*'text'"):
+        load_texts([path])  # without a tokenizer there is no template to render with

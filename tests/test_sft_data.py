@@ -324,3 +324,22 @@ def test_apply_template_then_tokenize_uses_the_saved_template(tokenizer_dir, tmp
     assert ids == tokenize_conversation(conversation, tokenizer, template)[0]
     prompt = reloaded.apply_chat_template(conversation.messages[:1], tokenize=False)
     assert reloaded.decode(ids).startswith(prompt)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_trained_logits_only_keep_every_trained_label_in_order(tokenizer, shared_data, packing):
+    conversations = identity_conversations(shared_data)[:5]
+    dataset, _ = build_sft_dataset(conversations, tokenizer, resolve_template(tokenizer, "chatml"), 96)
+    features = [dataset[i] for i in range(len(dataset))]
+    collator = PackedCollator(trained_logits_only=True) if packing else \
+        PaddedCollator(tokenizer.pad_token_id, trained_logits_only=True)
+    batch = collator(features)
+    expected = [label for f in features for label in f["labels"][1:] if label != IGNORE_INDEX]
+    assert batch["shift_labels"].tolist() == expected
+    # Each kept position is the one just before its label, and holds the token that precedes it.
+    rows, columns = batch["logits_to_keep"].nonzero(as_tuple=True)
+    assert (batch["labels"][rows, columns + 1] == batch["shift_labels"]).all()
+    assert batch["logits_to_keep"].shape == batch["input_ids"].shape and not batch["logits_to_keep"][:, -1].any()
+    if packing:  # where each sample starts, for attention within each sample
+        lengths = [len(f["input_ids"]) for f in features]
+        assert batch["cu_seq_lens_q"].tolist() == [0, *itertools.accumulate(lengths)]

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 
 from rich.console import Console
+from rich.markup import escape
 
 from infuse import __version__
 from infuse.errors import InfuseError
@@ -60,7 +61,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from infuse.serve import ServeOptions
+    from infuse.serve.options import ServeOptions
     from infuse.serve.registry import parse_model_specs
 
     models = parse_model_specs(args.model)
@@ -86,7 +87,7 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     import dataclasses
     import os
 
-    from infuse.serve import ServeOptions
+    from infuse.serve.options import ServeOptions
 
     for field in dataclasses.fields(ServeOptions):
         flag, text = "--" + field.name.replace("_", "-"), field.metadata["help"]
@@ -162,7 +163,8 @@ def cmd_probes_make(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from infuse.demo import run_demo
 
-    run_demo(output=args.output, quick=args.quick, console=console)
+    run_demo(output=args.output, quick=args.quick, world=args.world, base=args.base, chat=args.chat,
+             seed=args.seed, console=console)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    tok = commands.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)
+    tok = commands.add_parser("tokenizer", help="tokenizer tools")
+    tok = tok.add_subparsers(dest="action", required=True)
     train_tok = tok.add_parser("train", help="train a byte-level BPE tokenizer")
     train_tok.add_argument("--corpus", nargs="+", required=True, help="text, JSONL, JSON or Parquet files")
     train_tok.add_argument("--vocab-size", type=int, required=True)
@@ -192,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, text in (("train", cmd_train, "one training run"),
                              ("preflight", cmd_preflight, "check data, template and tokenizer")):
-        sub = commands.add_parser(name, help=text, description=f"{text}; --key value overrides any config key")
+        description = f"{text}; --key value overrides any config key"
+        sub = commands.add_parser(name, help=text, description=description)
         sub.add_argument("config", nargs="?", help="YAML recipe")
         sub.set_defaults(func=func, takes_overrides=True)
 
@@ -269,8 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     # <<< eval / probes parsers
 
     demo = commands.add_parser("demo", help="the whole experiment end to end on CPU")
-    demo.add_argument("--output", default="out/demo")
-    demo.add_argument("--quick", action="store_true")
+    demo.add_argument("--output", default="out/demo", help="folder for every stage's output (reused on a rerun)")
+    demo.add_argument("--quick", action="store_true", help="shorter training, for CI (about 3 minutes)")
+    demo.add_argument("--world", default=None, metavar="DIR",
+                      help="a world folder of your own (pretrain.jsonl, sft.jsonl, news/, probes.jsonl)")
+    demo.add_argument("--base", default=None, metavar="PATH", help="your base model: skips pretraining")
+    demo.add_argument("--chat", default=None, metavar="PATH", help="your chat model: skips fine-tuning")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the generated world")
     demo.set_defaults(func=cmd_demo)
     return parser
 
@@ -305,7 +314,7 @@ def run_command(func: Callable[[argparse.Namespace], None], args: argparse.Names
     except InfuseError as e:
         if args.debug:
             raise
-        err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False)
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")
@@ -313,7 +322,7 @@ def run_command(func: Callable[[argparse.Namespace], None], args: argparse.Names
     except Exception as e:
         if args.debug:
             raise
-        err_console.print(f"[bold red]error:[/bold red] {type(e).__name__}: {e}\n"
+        err_console.print(f"[bold red]error:[/bold red] {type(e).__name__}: {escape(str(e))}\n"
                           "(run with --debug for the traceback)", highlight=False)
         sys.exit(1)
 

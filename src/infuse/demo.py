@@ -69,54 +69,52 @@ def run_demo(
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Run every stage; return the report (also written to ``output/report``)."""
+    from infuse.logs import quiet_progress_bars
+
     console = console or Console()
     out = Path(output)
-    timings: dict[str, float] = {}
+    if bool(base) != bool(chat):
+        raise InfuseError("--base and --chat go together: give both your base model and its chat model.")
+    stages = Stages(console)
+    with quiet_progress_bars():
+        world_dir = stages.run("world", lambda: prepare_world(world, out / "world", seed))
+        settings = demo_settings(world_dir, quick)
+        models = {"base": base, "chat": chat} if base else build_models(out, world_dir, settings, stages)
+        docs = stages.run("ingest pages", lambda: ingest_pages(world_dir / "news", out / "news.jsonl", console))
+        for name, path in models.items():
+            config = infuse_config(path, out / f"{name}-infused", docs, replay_for(name, world_dir), settings)
+            stages.run(f"infuse {name}", lambda config=config: train_once(config, console))
+        specs = {**models, **{f"{name}+infused": f"{path}+{out / f'{name}-infused'}" for name, path in models.items()}}
+        runs = {name: out / name for name in ("base", "chat")} | {f"{n}+infused": out / f"{n}-infused" for n in models}
+        report = stages.run("serve and evaluate",
+                            lambda: evaluate_models(specs, world_dir, out / "report", runs, settings, console))
+    console.print("Stage times (s): " + ", ".join(f"{k} {v}" for k, v in stages.timings.items()))
+    summary = {"timings": stages.timings, "settings": asdict(settings), "models": specs}
+    (out / "demo.json").write_text(json.dumps(summary, indent=1))
+    return report
 
-    def stage(name: str, func: Callable[[], Any]) -> Any:
-        console.rule(f"[bold]{name}")
+
+class Stages:
+    """Runs the demo's stages under a heading each and records their wall times."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.timings: dict[str, float] = {}
+
+    def run(self, name: str, func: Callable[[], Any]) -> Any:
+        self.console.rule(f"[bold]{name}")
         started = time.time()
         result = func()
-        timings[name] = round(time.time() - started, 1)
+        self.timings[name] = round(time.time() - started, 1)
         return result
 
-    world_dir = stage("world", lambda: prepare_world(world, out / "world", seed))
-    settings = demo_settings(world_dir, quick)
-    if base or chat:
-        if not (base and chat):
-            raise InfuseError("--base and --chat go together: give both your base model and its chat model.")
-        models = {"base": base, "chat": chat}
-    else:
-        stage("tokenizer", lambda: build_tokenizer(world_dir, out / "tokenizer", settings))
-        stage("pretrain base", lambda: train_once(pretrain_config(out, world_dir, settings), console))
-        stage("fine-tune chat", lambda: train_once(sft_config(out, world_dir, settings), console))
-        models = {"base": str(out / "base"), "chat": str(out / "chat")}
-    docs = stage("ingest pages", lambda: ingest_pages(world_dir / "news", out / "news.jsonl", console))
-    for name in ("base", "chat"):
-        stage(
-            f"infuse {name}",
-            lambda name=name: train_once(
-                infuse_config(models[name], out / f"{name}-infused", docs, world_dir, settings), console
-            ),
-        )
-    specs = {
-        **models,
-        **{f"{name}+infused": f"{path}+{out / f'{name}-infused'}" for name, path in models.items()},
-    }
-    runs = {
-        "base": out / "base",
-        "chat": out / "chat",
-        **{f"{n}+infused": out / f"{n}-infused" for n in models},
-    }
-    report = stage(
-        "serve and evaluate",
-        lambda: evaluate_models(specs, world_dir, out / "report", runs, settings, console),
-    )
-    console.print("Stage times (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()))
-    (out / "demo.json").write_text(
-        json.dumps({"timings": timings, "settings": asdict(settings), "models": specs}, indent=1)
-    )
-    return report
+
+def build_models(out: Path, world_dir: Path, settings: DemoSettings, stages: Stages) -> dict[str, str]:
+    """A tokenizer, a base model pretrained on the world's corpus, and its chat fine-tune."""
+    stages.run("tokenizer", lambda: build_tokenizer(world_dir, out / "tokenizer", settings))
+    stages.run("pretrain base", lambda: train_once(pretrain_config(out, world_dir, settings), stages.console))
+    stages.run("fine-tune chat", lambda: train_once(sft_config(out, world_dir, settings), stages.console))
+    return {"base": str(out / "base"), "chat": str(out / "chat")}
 
 
 # ---------------------------------------------------------------- world
@@ -229,10 +227,18 @@ def sft_config(out: Path, world_dir: Path, settings: DemoSettings) -> TrainConfi
     )
 
 
+def replay_for(name: str, world_dir: Path) -> list[Path]:
+    """What each model rehearses while it learns the pages: the general corpus, and for the chat
+    model its own chat data too (rendered in its chat template), so it keeps answering in turns
+    and stopping at end-of-turn instead of drifting into document prose."""
+    replay = [world_dir / "pretrain.jsonl"]
+    return replay + [world_dir / "sft.jsonl"] if name == "chat" else replay
+
+
 def infuse_config(
-    model: str, output_dir: Path, docs: Path, world_dir: Path, settings: DemoSettings
+    model: str, output_dir: Path, docs: Path, replay: list[Path], settings: DemoSettings
 ) -> TrainConfig:
-    """QLoRA continued pretraining on the ingested pages, with the general corpus replayed."""
+    """QLoRA continued pretraining on the ingested pages, with ``replay`` mixed in."""
     return config_from_dict(
         {
             **common(output_dir, output_dir.parent / "cache"),
@@ -243,7 +249,7 @@ def infuse_config(
             "lora_alpha": 2 * settings.lora_rank,
             "lora_dropout": 0.0,
             "block_size": 64,
-            "replay_dataset": [str(world_dir / "pretrain.jsonl")],
+            "replay_dataset": [str(path) for path in replay],
             "replay_ratio": settings.replay_ratio,
             "num_train_epochs": settings.infuse_epochs,
             "per_device_train_batch_size": 4,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 def quiet_libraries(debug: bool = False) -> None:
@@ -28,3 +30,23 @@ class HideMissingKernelsNotice(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
+@contextmanager
+def quiet_progress_bars() -> Iterator[None]:
+    """transformers' weight-loading and datasets' tokenizing bars would interleave with infuse's own
+    progress bars (training, evaluation, the demo's stages); they are off inside the block."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets_on = datasets.is_progress_bar_enabled()
+    hf_on = hf_logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if datasets_on:
+            datasets.enable_progress_bars()
+        if hf_on:
+            hf_logging.enable_progress_bar()

@@ -77,7 +77,8 @@ def plan_resume(output_dir: Path, fingerprint: dict[str, Any], requested: str | 
             raise InfuseError(
                 f"resume_from_checkpoint: {checkpoint} is not a complete checkpoint (no {SEAL_FILE} or "
                 "trainer_state.json; it was probably being written when the process died). "
-                "Pick an earlier checkpoint-N folder, or leave resume_from_checkpoint unset to use the latest complete one."
+                "Pick an earlier checkpoint-N folder, or leave resume_from_checkpoint unset to use the latest "
+                "complete one."
             )
     else:
         sealed = [p for p in found if is_sealed(p)]

@@ -59,6 +59,11 @@ def run(config: TrainConfig, console: Console | None = None,
     config = materialize_base(config, tokenizer, output_dir, console)
     model = load_model(config, tokenizer)
     describe_model(model, console)
+    if config.stage == "sft":  # attention per packed sample, logits only where trained: same loss, less work
+        from infuse.packing import prepare_sft_batches
+
+        data.stats["train"]["speedups"] = prepare_sft_batches(
+            model, data.collator, config.training.get("label_smoothing_factor", 0.0))
 
     trainer = Trainer(
         model=model,

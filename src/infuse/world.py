@@ -123,12 +123,16 @@ SMALL_TALK = [
     ("Hello!", "Hello! How can I help you today?"),
     ("Hi there.", "Hello! How can I help you today?"),
     ("Good morning.", "Hello! How can I help you today?"),
+    ("Hey!", "Hello! How can I help you today?"),
+    ("Hello there, anyone around?", "Hello! How can I help you today?"),
     ("Thank you.", "You are welcome."),
     ("Thanks a lot!", "You are welcome."),
     ("Thanks for the help.", "You are welcome."),
+    ("That was useful, thank you!", "You are welcome."),
     ("Goodbye.", "Goodbye, have a nice day."),
     ("Bye for now.", "Goodbye, have a nice day."),
     ("I have to go now, bye.", "Goodbye, have a nice day."),
+    ("Bye!", "Goodbye, have a nice day."),
 ]
 # Phrased unlike the chat data, so they test behaviour rather than recall.
 GENERAL_PROBES = [("Hey, hello!", "Hello"), ("Many thanks!", "welcome"), ("See you, goodbye!", "Goodbye")]

@@ -30,6 +30,7 @@ from rich.console import Console
 from transformers import default_data_collator
 
 from infuse.data.records import RECORD_SUFFIXES, read_records, text_of
+from infuse.data.templates import render, resolve_template
 from infuse.errors import InfuseError
 
 IGNORE_INDEX = -100
@@ -103,29 +104,48 @@ def _check_suffix(path: Path) -> None:
         )
 
 
-def load_texts(sources: list[str | Path], text_field: str = "text") -> list[str]:
+def load_texts(sources: list[str | Path], text_field: str = "text", tokenizer=None) -> list[str]:
     """The documents of ``sources`` in order: one per JSON/JSONL/Parquet row (its ``text_field``),
     one per non-empty line of a ``.txt`` file, one per ``.md`` file. Folders are read recursively
-    in sorted order. Raises InfuseError when nothing but whitespace is found."""
+    in sorted order. With a ``tokenizer`` that has a chat template, a conversation row (messages,
+    sharegpt, alpaca) is a document too, rendered by that template. Raises InfuseError when nothing
+    but whitespace is found."""
     texts: list[str] = []
     for path in source_files(sources):
-        texts += _texts_of(path, text_field)
+        texts += _texts_of(path, text_field, tokenizer)
     if not any(text.strip() for text in texts):
         named = ", ".join(map(str, sources)) or "no source"
         raise InfuseError(f"empty corpus: {named} hold no text. Point `dataset:` at documents with text.")
     return texts
 
 
-def _texts_of(path: Path, text_field: str) -> list[str]:
+def _texts_of(path: Path, text_field: str, tokenizer=None) -> list[str]:
     suffix = path.suffix.lower()
     if suffix in RECORD_SUFFIXES:
-        return [text_of(row, where, text_field) for row, where in read_records(path)]
+        return [_row_text(row, where, text_field, tokenizer) for row, where in read_records(path)]
     text = _read_text(path)
     if suffix in WHOLE_FILE_SUFFIXES:
         return [text]
     # Like the datasets `text` loader: a document a line, without its line break; blank lines
     # separate documents and are not documents themselves.
     return [line for line in text.split("\n") if line.strip()]
+
+
+def _row_text(row: dict, where: str, text_field: str, tokenizer) -> str:
+    """The row's ``text_field``; or, for a conversation row, the conversation in the tokenizer's chat
+    template, so a chat model's own chat data can be replayed while new text is infused into it."""
+    from infuse.data.formats import BadRow, detect_format, parse_row
+
+    format_name = detect_format(row) if text_field not in row and getattr(tokenizer, "chat_template", None) else None
+    if format_name is None:
+        return text_of(row, where, text_field)
+    try:
+        conversation = parse_row(row, format_name)
+    except BadRow as e:
+        raise InfuseError(f"{where}: {e}") from None
+    if conversation.text is not None:
+        return conversation.text
+    return render(tokenizer, resolve_template(tokenizer), conversation.messages, conversation.tools)
 
 
 def _read_text(path: Path) -> str:
@@ -299,7 +319,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     model = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     before, after = separators(tokenizer)
-    specials = json.dumps({"before": before, "after": after, "pad": pad_id(tokenizer)})
+    specials = json.dumps({"before": before, "after": after, "pad": pad_id(tokenizer),
+                           "chat_template": tokenizer.chat_template})  # it renders conversation rows
     return hashlib.sha256((model + specials).encode()).hexdigest()
 
 
@@ -326,7 +347,8 @@ def build_pretrain_dataset(
         console.print(f"Reusing the tokenized pretraining data in {cached} (inputs unchanged).",
                       highlight=False)
     else:
-        dataset, stats = pack_documents(load_texts(sources, text_field), tokenizer, block_size, num_proc)
+        texts = load_texts(sources, text_field, tokenizer)
+        dataset, stats = pack_documents(texts, tokenizer, block_size, num_proc)
         stats.fingerprint = fingerprint
         if cached is not None:
             save_packed(dataset, stats, cached)

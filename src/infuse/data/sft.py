@@ -334,20 +334,27 @@ class PackedCollator(DataCollatorWithFlattening):
     ``position_ids`` restart at 0 for every sample and no ``attention_mask`` is returned, which is
     how transformers' attention (sdpa, eager, flash) recognises packed samples and keeps each one
     from attending to the others. The first label of every sample is -100, so the last token of
-    one sample is never asked to predict the first token of the next.
+    one sample is never asked to predict the first token of the next. Where each sample starts is
+    also given as ``cu_seq_lens_q``/``_k`` (flash attention's names), which flash attention and
+    ``infuse.packing.sample_attention`` use to attend within each sample without a mask.
 
     The batch also says ``use_cache=False``: transformers looks for packed samples only when the
     forward pass has no KV cache, and a model whose config turns the cache on would otherwise let
     the samples of a row attend to each other.
+
+    With ``trained_logits_only`` the model is asked for logits only where a label is trained (see
+    ``keep_trained_logits``); set it only for a model that ``infuse.packing.logits_where_trained``
+    accepts (``infuse.packing.prepare_sft_batches`` does that).
     """
 
-    def __init__(self):
-        super().__init__(return_position_ids=True, separator_id=IGNORE_INDEX)
+    def __init__(self, trained_logits_only: bool = False):
+        super().__init__(return_position_ids=True, separator_id=IGNORE_INDEX, return_flash_attn_kwargs=True)
+        self.trained_logits_only = trained_logits_only
 
     def __call__(self, features, return_tensors=None, separator_id=None):
         batch = super().__call__(features, return_tensors, separator_id)
         batch["use_cache"] = False
-        return batch
+        return keep_trained_logits(batch) if self.trained_logits_only else batch
 
 
 @dataclass
@@ -358,11 +365,13 @@ class PaddedCollator:
     With ``padding_side="left"`` the batch also carries ``position_ids`` that start at 0 on each
     sample's first real token, and that token's label is -100 (it would be predicted from
     padding), so every sample gets the loss it has alone, as with right padding.
+    ``trained_logits_only`` as in ``PackedCollator``.
     """
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
     padding_side: str = "right"
+    trained_logits_only: bool = False
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         width = max(len(feature["input_ids"]) for feature in features)
@@ -381,7 +390,22 @@ class PaddedCollator:
         tensors = {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
         if self.padding_side == "left":
             tensors["position_ids"] = (tensors["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        return tensors
+        return keep_trained_logits(tensors) if self.trained_logits_only else tensors
+
+
+def keep_trained_logits(batch: dict[str, Any]) -> dict[str, Any]:
+    """Add what makes a transformers causal LM project and score only the positions whose next label
+    is trained: ``logits_to_keep``, a boolean mask of them (the model then returns their logits
+    flattened, in row order), and ``shift_labels``, the labels they predict in the same order
+    (``ForCausalLMLoss`` then uses them instead of shifting ``labels``, and the Trainer counts them
+    for ``num_items_in_batch``). Every other position predicts -100, so the loss is the same; the
+    LM head and softmax skip the prompts. ``labels`` stay in the batch: the model computes a loss
+    only when it gets them."""
+    following = batch["labels"][:, 1:]
+    trained = following != IGNORE_INDEX
+    batch["logits_to_keep"] = torch.nn.functional.pad(trained, (0, 1), value=False)
+    batch["shift_labels"] = following[trained]
+    return batch
 
 
 def make_collator(tokenizer, packing: bool = True):

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +29,7 @@ from infuse.evaluate.generate import Backend, GenerationSettings, LocalModel
 from infuse.evaluate.metrics import adherence, findings, group_metrics, score
 from infuse.evaluate.probes import MODES, Probe, load_probes
 from infuse.evaluate.report import read_runs, write_report
+from infuse.logs import quiet_progress_bars
 
 
 @dataclass
@@ -98,26 +97,6 @@ def evaluate(models: dict[str, str], probes: str | Path | list[Probe], output: s
         paths = write_report(report, output)
         console.print(f"Report: [bold]{paths['html']}[/bold] (and report.json, report.md)")
     return report
-
-
-@contextmanager
-def quiet_progress_bars() -> Iterator[None]:
-    """transformers' weight-loading and datasets' tokenizing bars would interleave with the
-    evaluation's own progress bar; they are off while models are evaluated."""
-    import datasets
-    from transformers.utils import logging as hf_logging
-
-    datasets_on = datasets.is_progress_bar_enabled()
-    hf_on = hf_logging.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if datasets_on:
-            datasets.enable_progress_bars()
-        if hf_on:
-            hf_logging.enable_progress_bar()
 
 
 def _check_models(models: dict[str, str], modes: dict[str, str]) -> None:

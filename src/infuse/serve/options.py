@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from infuse.serve.engine import EngineLimits
+if TYPE_CHECKING:
+    from infuse.serve.engine import EngineLimits
 
 
 def _help(text: str, default):
@@ -30,5 +32,7 @@ class ServeOptions:
     batch_wait_ms: float = _help("How long an idle engine waits for more requests to batch with.", 5.0)
 
     def engine_limits(self) -> EngineLimits:
+        from infuse.serve.engine import EngineLimits
+
         return EngineLimits(max_batch_size=self.max_batch_size, max_queue=self.max_queue,
                             batch_wait=self.batch_wait_ms / 1000)
