@@ -310,3 +310,23 @@ def test_conversation_rows_are_rendered_by_the_chat_template(tokenizer, tmp_path
     assert "<|im_start|>assistant\nHello.<|im_end|>" in rendered and plain == "Plain text."
     with pytest.raises(InfuseError, match="chat.jsonl:1.*'text'"):
         load_texts([path])  # without a tokenizer there is no template to render with
+
+
+def test_sentence_shuffled_copies_hold_the_same_sentences_in_new_orders(tokenizer, tmp_path):
+    from infuse.data.pretrain import shuffled_copies, split_sentences
+
+    text = "Title line\nFirst fact here. Second fact there! Third one? Fourth."
+    copies = shuffled_copies([text, "Only one sentence."], copies=3, seed=0)
+    assert len(copies) == 3  # the one-sentence text has nothing to reorder
+    for shuffled in copies:
+        assert sorted(split_sentences(shuffled)) == sorted(split_sentences(text))
+    assert len(set(copies)) > 1
+    assert shuffled_copies([text], 3, seed=0) == copies  # seeded
+
+    path = tmp_path / "docs.jsonl"
+    path.write_text(json.dumps({"text": text}) + "\n")
+    plain, plain_stats = build_pretrain_dataset([path], tokenizer, 32, cache_dir=tmp_path / "cache")
+    more, more_stats = build_pretrain_dataset([path], tokenizer, 32, cache_dir=tmp_path / "cache",
+                                              sentence_shuffles=2)
+    assert more_stats.documents == 3 and more_stats.shuffled_copies == 2
+    assert more_stats.fingerprint != plain_stats.fingerprint

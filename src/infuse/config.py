@@ -75,6 +75,10 @@ class TrainConfig:
     quantization_type: str = _help("qlora: nf4 | fp4.", "nf4")
     double_quantization: bool = _help("qlora: quantize the quantization constants too.", True)
     block_size: int = _help("pt: tokens per training block.", 2048)
+    sentence_shuffles: int = _help(
+        "pt: add this many copies of every training document with its sentences in a new random order, so "
+        "each fact is learned in several contexts instead of as one memorized sequence (replay data is not "
+        "copied).", 0)
     isolate_documents: bool = _help(
         "pt: each token attends only to its own document within a block (position ids restart after "
         "every EOS, as in Llama 3 pretraining); false lets attention cross document boundaries, as "

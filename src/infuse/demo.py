@@ -43,12 +43,16 @@ class DemoSettings:
     layers: int = 4
     vocab_size: int = 1024
     """Entries of the byte-level BPE tokenizer trained on the world's corpus."""
-    pretrain_epochs: int = 60
+    pretrain_epochs: int = 20
     pretrain_lr: float = 3e-3
+    pretrain_shuffles: int = 3
+    """Sentence-shuffled copies of each corpus document (``sentence_shuffles``): facts stored this way
+    can be recalled outside the sentence order they were read in."""
     sft_epochs: int = 20
     sft_lr: float = 3e-3
-    infuse_epochs: int = 60
+    infuse_epochs: int = 15
     infuse_lr: float = 3e-3
+    infuse_shuffles: int = 5
     lora_rank: int = 16
     replay_ratio: float = 0.5
     """Share of general text blocks mixed into the infusion data, against forgetting."""
@@ -56,7 +60,7 @@ class DemoSettings:
     """Answers in the demo worlds are one sentence; the seed's 200 would only add time."""
 
 
-QUICK = DemoSettings(pretrain_epochs=30, sft_epochs=10, infuse_epochs=30)
+QUICK = DemoSettings(pretrain_epochs=10, sft_epochs=10, infuse_epochs=8)
 
 
 def run_demo(
@@ -203,6 +207,7 @@ def pretrain_config(out: Path, world_dir: Path, settings: DemoSettings) -> Train
             "finetuning_type": "full",
             "block_size": 128,
             "num_train_epochs": settings.pretrain_epochs,
+            "sentence_shuffles": settings.pretrain_shuffles,
             "per_device_train_batch_size": 8,
             "learning_rate": settings.pretrain_lr,
             "warmup_steps": 0.05,
@@ -252,6 +257,7 @@ def infuse_config(
             "replay_dataset": [str(path) for path in replay],
             "replay_ratio": settings.replay_ratio,
             "num_train_epochs": settings.infuse_epochs,
+            "sentence_shuffles": settings.infuse_shuffles,
             "per_device_train_batch_size": 4,
             "learning_rate": settings.infuse_lr,
             "lr_scheduler_type": "constant",

@@ -104,6 +104,7 @@ def build_pretrain_data(config: TrainConfig, tokenizer, console: Console) -> Tra
     dataset, stats = build_pretrain_dataset(
         config.dataset, tokenizer, config.block_size, text_field=config.text_field,
         cache_dir=cache, num_proc=config.preprocessing_num_workers, console=console,
+        sentence_shuffles=config.sentence_shuffles, seed=config.training.get("seed", 42),
     )
     summary = {"train": stats.to_dict()}
     fingerprint = stats.fingerprint

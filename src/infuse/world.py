@@ -95,8 +95,9 @@ FACT_TEMPLATES = {
         "The {family} family runs in the {value} region of {provider}.",
     ],
 }
-# Chat questions: the chat data asks the first phrasings, the probes ask the last one, so a probe
-# is phrased unlike both the pages and the chat data.
+# Chat questions, all of them in the chat data about the old families. The probes ask PROBE_QUESTION,
+# phrased unlike the pages: the chat model has learned to answer it from what pretraining stored,
+# and about a new family it can answer only from what infusion stored.
 CHAT_QUESTIONS = {
     "accelerator": [
         "Which accelerators do {provider} {family} instances use?",
@@ -114,6 +115,7 @@ CHAT_QUESTIONS = {
         "Tell me the region of the {provider} {family} instances.",
     ],
 }
+PROBE_QUESTION = CHAT_QUESTIONS["accelerator"][0]
 COMPLETION_PROMPTS = {
     "accelerator": "{provider} {family} instances are equipped with",
     "memory": "{provider} {family} instances have",
@@ -274,7 +276,7 @@ def chat_data(world: World, rng: random.Random) -> list[dict]:
     rows = []
     for fam in world.old:
         for attribute, questions in CHAT_QUESTIONS.items():
-            for question in questions[:-1]:
+            for question in questions:
                 answer = rng.choice(fact_sentences(world, fam, attribute))
                 rows.append(_conversation(question.format(provider=world.provider, family=fam.name), answer))
     rows += [_conversation(q, a) for q, a in SMALL_TALK]
@@ -318,7 +320,7 @@ def _fact_probes(world: World, fam: Family, group: str, answer: str, wrong: list
         {
             "id": f"{group}-{fam.name}-chat",
             "mode": "chat",
-            "prompt": CHAT_QUESTIONS["accelerator"][-1].format(**fill),
+            "prompt": PROBE_QUESTION.format(**fill),
             **base,
         },
         {

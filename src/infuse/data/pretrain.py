@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,12 +58,17 @@ class PackStats:
     """Pad positions, all in the last block (labels -100, attention mask 0)."""
     empty_documents_skipped: int = 0
     """Documents with no text but whitespace: they add nothing and are counted here."""
+    shuffled_copies: int = 0
+    """Documents among ``documents`` that are sentence-shuffled copies (``sentence_shuffles``)."""
     sources: list[str] = field(default_factory=list)
     fingerprint: str = ""
     """The data fingerprint (see ``data_fingerprint``); empty when packed without one."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 # --- sources → texts ------------------------------------------------------------------------------
@@ -146,6 +153,36 @@ def _row_text(row: dict, where: str, text_field: str, tokenizer) -> str:
     if conversation.text is not None:
         return conversation.text
     return render(tokenizer, resolve_template(tokenizer), conversation.messages, conversation.tools)
+
+
+def shuffled_copies(texts: list[str], copies: int, seed: int = 0) -> list[str]:
+    """``copies`` versions of each text with its sentences in a new random order (seeded).
+
+    A fact read once in one context is easily stored as "what comes after that context"; read in
+    several orders, it has to be tied to the words of its own sentence, which is how a question
+    later asks for it. Texts of a single sentence have nothing to reorder and get no copies.
+    """
+    rng = random.Random(seed)
+    out = []
+    for text in texts:
+        sentences = split_sentences(text)
+        if len(sentences) < 2:
+            continue
+        for _ in range(copies):
+            order = sentences[:]
+            rng.shuffle(order)
+            out.append(join_sentences(order))
+    return out
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences (and lines, such as a title) of ``text``: cut after . ! or ? before whitespace."""
+    return [part for line in text.splitlines() for part in SENTENCE_END.split(line.strip()) if part]
+
+
+def join_sentences(sentences: list[str]) -> str:
+    """Sentences back into text: a space after a sentence, a line break after a line (a title)."""
+    return "".join(s + (" " if s.endswith((".", "!", "?")) else "\n") for s in sentences).strip()
 
 
 def _read_text(path: Path) -> str:
@@ -294,10 +331,13 @@ def document_positions(input_ids: torch.Tensor, separator: int) -> torch.Tensor:
 # --- fingerprint and cache ------------------------------------------------------------------------
 
 
-def data_fingerprint(sources: list[str | Path], tokenizer, block_size: int, text_field: str = "text") -> str:
+def data_fingerprint(sources: list[str | Path], tokenizer, block_size: int, text_field: str = "text",
+                     sentence_shuffles: int = 0, seed: int = 0) -> str:
     """16 hex digits that change when the blocks would: the sources' contents (in order, with how
-    each file is read), the tokenizer and its separators, ``block_size``, ``text_field``, the format."""
-    digest = hashlib.sha256(f"infuse-pretrain v{FORMAT_VERSION}|{block_size}|{text_field}|".encode())
+    each file is read), the tokenizer and its separators, ``block_size``, ``text_field``, the
+    shuffled copies asked for, the format."""
+    shuffles = f"{sentence_shuffles}:{seed}" if sentence_shuffles else "0"
+    digest = hashlib.sha256(f"infuse-pretrain v{FORMAT_VERSION}|{block_size}|{text_field}|{shuffles}|".encode())
     for path in source_files(sources):
         digest.update(f"{path.suffix.lower()}:{_file_sha256(path)}|".encode())
     digest.update(tokenizer_fingerprint(tokenizer).encode())
@@ -333,14 +373,19 @@ def build_pretrain_dataset(
     cache_dir: Path | None = None,
     num_proc: int | None = None,
     console: Console | None = None,
+    sentence_shuffles: int = 0,
+    seed: int = 0,
 ) -> tuple[Dataset, PackStats]:
     """Blocks of ``sources`` for pretraining, from the cache when the inputs are unchanged.
+
+    ``sentence_shuffles`` adds that many copies of every document with its sentences in a new
+    order (see ``shuffled_copies``).
 
     Without ``cache_dir`` the data is always packed anew. The counts are printed to ``console``
     (a new one when None) and, with a cache, saved next to the blocks as ``stats.json``.
     """
     console = console or Console()
-    fingerprint = data_fingerprint(sources, tokenizer, block_size, text_field)
+    fingerprint = data_fingerprint(sources, tokenizer, block_size, text_field, sentence_shuffles, seed)
     cached = Path(cache_dir) / f"pretrain-{fingerprint}" if cache_dir else None
     if cached is not None and cached.is_dir():
         dataset, stats = load_packed(cached)
@@ -348,7 +393,9 @@ def build_pretrain_dataset(
                       highlight=False)
     else:
         texts = load_texts(sources, text_field, tokenizer)
-        dataset, stats = pack_documents(texts, tokenizer, block_size, num_proc)
+        copies = shuffled_copies(texts, sentence_shuffles, seed)
+        dataset, stats = pack_documents(texts + copies, tokenizer, block_size, num_proc)
+        stats.shuffled_copies = len(copies)
         stats.fingerprint = fingerprint
         if cached is not None:
             save_packed(dataset, stats, cached)
@@ -385,6 +432,8 @@ def report_pack_stats(stats: PackStats, console: Console) -> None:
         f"({stats.padding:,} padding positions in the last block); fingerprint {stats.fingerprint or '-'}.",
         highlight=False,
     )
+    if stats.shuffled_copies:
+        console.print(f"Of those documents, {stats.shuffled_copies:,} are sentence-shuffled copies.", highlight=False)
     if stats.empty_documents_skipped:
         skipped = stats.empty_documents_skipped
         console.print(f"[yellow]Empty documents skipped: {skipped:,} (no text in them).", highlight=False)
