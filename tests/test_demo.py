@@ -41,20 +41,16 @@ def test_the_chat_model_has_its_manners(demo):
     assert report["models"]["chat"]["adherence"]["ended_at_turn_end"] > 0.5
 
 
-CHAT_INFUSION_OPEN = pytest.mark.xfail(
+@pytest.mark.xfail(
     reason="QLoRA continued pretraining of the 1M-parameter demo chat model does not yet teach it the new "
-    "facts without breaking its small talk (issue 7 is open; see the README's demo section)",
+    "facts: it answers with the names of families from its chat data (issue 7 is open; see the README)",
     strict=False,
 )
-
-
-@CHAT_INFUSION_OPEN
 def test_the_infused_chat_model_beats_the_chat_model_on_new_facts(demo):
     report = json.loads((demo / "report" / "report.json").read_text())
     assert accuracy(report, "chat+infused", "new") > accuracy(report, "chat", "new")
 
 
-@CHAT_INFUSION_OPEN
 def test_the_infused_chat_model_keeps_its_manners(demo):
     report = json.loads((demo / "report" / "report.json").read_text())
     assert accuracy(report, "chat+infused", "general") >= accuracy(report, "chat", "general")

@@ -60,7 +60,7 @@ class DemoSettings:
     """Answers in the demo worlds are one sentence; the seed's 200 would only add time."""
 
 
-QUICK = DemoSettings(pretrain_epochs=10, sft_epochs=10, infuse_epochs=8)
+QUICK = DemoSettings(pretrain_epochs=10, infuse_epochs=8)
 
 
 def run_demo(
