@@ -51,7 +51,6 @@ def cmd_preflight(args: argparse.Namespace) -> None:
         raise SystemExit(2)  # like any problem the user can fix (InfuseError)
 
 
-# >>> merge / serve / chat commands
 def cmd_merge(args: argparse.Namespace) -> None:
     from infuse.merge import merge
 
@@ -99,10 +98,8 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
             kind = type(field.default) if field.default is not None else str
             parser.add_argument(flag, type=kind, default=field.default,
                                 help=f"{text} (default {field.default})")
-# <<< merge / serve / chat commands
 
 
-# >>> eval / probes commands
 def cmd_eval(args: argparse.Namespace) -> None:
     from infuse.evaluate import EvalSettings, GenerationSettings, evaluate
     from infuse.evaluate.report import print_summary
@@ -157,7 +154,6 @@ def cmd_probes_make(args: argparse.Namespace) -> None:
                           "there is nothing to make cloze probes from. Write probes by hand (see DESIGN.md).")
     write_probes(probes, args.output)
     console.print(f"Wrote {len(probes)} cloze probes (group {args.group}) to [bold]{args.output}[/bold].")
-# <<< eval / probes commands
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -200,7 +196,6 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("config", nargs="?", help="YAML recipe")
         sub.set_defaults(func=func, takes_overrides=True)
 
-    # >>> merge / serve / chat parsers
     mrg = commands.add_parser("merge", help="fold a LoRA/QLoRA adapter into its base, checked")
     mrg.add_argument("--adapter", required=True, help="adapter dir (a lora or qlora run's output_dir)")
     mrg.add_argument("--base", default=None, help="base model dir (default: the one the run recorded)")
@@ -229,9 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     cht.add_argument("--device", default=None)
     cht.add_argument("--dtype", default="auto")
     cht.set_defaults(func=cmd_chat)
-    # <<< merge / serve / chat parsers
 
-    # >>> eval / probes parsers
     ev = commands.add_parser("eval", help="compare models on probes, perplexity and chat format → report",
                              description="Compare models on probes; writes report.json, .md and .html.")
     ev.add_argument("--model", action="append", required=True, metavar="NAME=PATH[+ADAPTER]|NAME=URL",
@@ -270,7 +263,6 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--group", default="new", help="group name of the probes (default: new)")
     make.add_argument("--text-field", default="text")
     make.set_defaults(func=cmd_probes_make)
-    # <<< eval / probes parsers
 
     demo = commands.add_parser("demo", help="the whole experiment end to end on CPU")
     demo.add_argument("--output", default="out/demo", help="folder for every stage's output (reused on a rerun)")
