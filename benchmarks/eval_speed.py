@@ -27,14 +27,13 @@ import time
 from pathlib import Path
 
 import torch
+from common import DATA, REPO, random_model, save_result
 from rich.console import Console
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from infuse.evaluate import EvalSettings, evaluate, load_probes
 from infuse.tokenizer import train_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
 WORDS = "the capital river cluster runs founder mascot lake city market weather chip company of is".split()
 
 
@@ -43,14 +42,8 @@ def build_models(folder: Path) -> dict[str, str]:
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
     models = {}
     for seed in (0, 1):
-        config = AutoConfig.from_pretrained(REPO / "configs" / "tiny-llama.json", vocab_size=len(tokenizer),
-                                            bos_token_id=tokenizer.bos_token_id,
-                                            eos_token_id=tokenizer.eos_token_id,
-                                            pad_token_id=tokenizer.pad_token_id)
-        torch.manual_seed(seed)
         path = folder / f"tiny-{seed}"
-        AutoModelForCausalLM.from_config(config).save_pretrained(path)
-        tokenizer.save_pretrained(path)
+        random_model(path, REPO / "configs" / "tiny-llama.json", tokenizer, seed)
         models[f"tiny{seed}"] = str(path)
     return models
 
@@ -107,10 +100,7 @@ def main() -> None:
         "speedup_vs_batch1": round(batched / single, 2), "cpu_count": os.cpu_count(),
         "load_average_1min": round(os.getloadavg()[0], 2), "torch_threads": torch.get_num_threads(),
     }
-    line = json.dumps(result)
-    print(line)
-    (REPO / "results").mkdir(exist_ok=True)
-    (REPO / "results" / "eval_speed.json").write_text(line + "\n")
+    save_result("eval_speed", result)
 
 
 if __name__ == "__main__":

@@ -17,23 +17,20 @@ Prints one JSON line and writes it to results/pack.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
 import time
 from functools import partial
-from pathlib import Path
 
 import datasets
+from common import DATA, save_result
 from datasets import Dataset
 from transformers import AutoTokenizer
 
 from infuse.data.pretrain import load_texts, pack_documents
 from infuse.tokenizer import train_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
 SOURCES = [DATA / "c4_demo.jsonl", DATA / "wiki_demo.txt"]
 
 
@@ -123,11 +120,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "runs": [measure(texts, tokenizer, size, args.repeats, document_tokens) for size in args.block_sizes],
     }
-    line = json.dumps(result)
-    print(line)
-    out = REPO / "results" / "pack.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(line + "\n")
+    save_result("pack", result)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Prints one JSON line and writes it to results/serve.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -26,13 +25,12 @@ from pathlib import Path
 
 import httpx
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, pipeline
+from common import DATA, random_model, save_result
+from transformers import AutoTokenizer, pipeline
 
 from infuse.serve import start_server
 from infuse.tokenizer import train_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
 MODEL = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
          "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 1024,
          "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
@@ -40,13 +38,7 @@ MODEL = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 768, "n
 
 def build_model(folder: Path, vocab_size: int = 4096) -> int:
     """Tokenizer + randomly initialised Llama saved in ``folder``; returns the parameter count."""
-    tokenizer = train_tokenizer([DATA / "wiki_demo.txt"], vocab_size, folder)
-    config = AutoConfig.for_model(**MODEL, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(folder)
-    return sum(p.numel() for p in model.parameters())
+    return random_model(folder, MODEL, train_tokenizer([DATA / "wiki_demo.txt"], vocab_size, folder))
 
 
 def prompts(count: int) -> list[str]:
@@ -136,10 +128,7 @@ def main() -> None:
                     "load_average_1min": round(os.getloadavg()[0], 2), "platform": platform.platform(),
                     "torch": torch.__version__},
     }
-    line = json.dumps(result)
-    print(line)
-    (REPO / "results").mkdir(exist_ok=True)
-    (REPO / "results" / "serve.json").write_text(line + "\n")
+    save_result("serve", result)
 
 
 if __name__ == "__main__":

@@ -54,9 +54,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+from common import DATA, random_model, save_result
 from datasets import Dataset
 from rich.console import Console
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 
 import infuse.packing
 import infuse.train
@@ -66,8 +67,6 @@ from infuse.data.sft import IGNORE_INDEX, PaddedCollator, build_sft_dataset, mes
 from infuse.data.templates import apply_template, render
 from infuse.tokenizer import train_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
 MODEL = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
          "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 1024,
          "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
@@ -109,12 +108,8 @@ def prepare(workdir: Path, samples: int, seed: int) -> tuple[Path, Path, list, l
     held-out conversations, and the train rows written as a file for infuse."""
     tokenizer = train_tokenizer([DATA / "wiki_demo.txt", DATA / "c4_demo.jsonl"], 8000, workdir / "tokenizer")
     apply_template(tokenizer, "chatml")
-    config = AutoConfig.for_model(**MODEL, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
     model_dir = workdir / "model"
-    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    random_model(model_dir, MODEL, tokenizer, seed)
     rows = json.loads((DATA / "alpaca_en_demo.json").read_text())
     train_file = workdir / "train.json"
     train_file.write_text(json.dumps(rows[:samples]))
@@ -342,11 +337,7 @@ def main() -> None:
         "held_out_loss_by_seed": compare_losses([args.seed, *args.loss_seeds], losses),
         "rounds": rounds,
     }
-    line = json.dumps(result)
-    print(line)
-    out = REPO / "results" / "sft.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(line + "\n")
+    save_result("sft", result)
 
 
 if __name__ == "__main__":
