@@ -58,3 +58,18 @@ def tiny_llama_dir(tmp_path_factory, tiny_llama_config_path, tokenizer) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def random_lora_adapter(base_dir: Path, out: Path, seed: int, spread: float, **lora) -> Path:
+    """A LoRA adapter on the model in ``base_dir`` whose lora_B weights are drawn from N(0, spread),
+    so that, unlike a fresh adapter, it changes the output; saved to ``out``."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(**lora))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, spread)
+    model.save_pretrained(out)
+    return out

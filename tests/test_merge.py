@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from conftest import random_lora_adapter
+from peft import PeftModel
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -96,16 +97,8 @@ def test_an_adapter_for_another_base_is_refused(qlora_run, tmp_path, tiny_llama_
 @pytest.fixture(scope="module")
 def lora_adapter(tmp_path_factory, tiny_llama_dir) -> Path:
     """A plain LoRA adapter made with peft, its lora_B nonzero."""
-    torch.manual_seed(0)
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
-                                LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.3)
-    out = tmp_path_factory.mktemp("lora")
-    peft_model.save_pretrained(out)
-    return out
+    return random_lora_adapter(tiny_llama_dir, tmp_path_factory.mktemp("lora"), seed=0, spread=0.3,
+                               r=4, target_modules=["q_proj", "v_proj"])
 
 
 def test_plain_lora_adapter_merges_to_the_same_logits(lora_adapter, tiny_llama_dir, tmp_path):

@@ -15,8 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from conftest import random_lora_adapter
 from openai import OpenAI
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from infuse.errors import InfuseError
@@ -41,16 +42,8 @@ PROMPTS = ["The history of", "Anarchism is a political philosophy that", "In 199
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory, tiny_llama_dir) -> Path:
     """A LoRA adapter on the tiny Llama, its lora_B made nonzero so that it changes the output."""
-    torch.manual_seed(1)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
-                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    out = tmp_path_factory.mktemp("adapter")
-    model.save_pretrained(out)
-    return out
+    return random_lora_adapter(tiny_llama_dir, tmp_path_factory.mktemp("adapter"), seed=1, spread=0.5,
+                               r=4, lora_alpha=8, target_modules="all-linear")
 
 
 @pytest.fixture(scope="module")

@@ -120,9 +120,7 @@ def load_model(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> PreTr
     if config.model_config:
         model = _build_for_training(config, tokenizer)
     else:
-        folder = check_model_dir(config.model_name_or_path)
-        model_config = auto_config(folder, config.trust_remote_code)
-        check_context(model_config, _sequence_length(config), _length_key(config), folder / "config.json")
+        folder, _ = check_model_source(config)
         model = _load_for_training(folder, config)
     if config.finetuning_type == "qlora":
         from peft import prepare_model_for_kbit_training
@@ -154,12 +152,7 @@ def build_model(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> PreT
     """A randomly initialised model from ``config.model_config``, seeded by the training seed, with
     its vocabulary and special token ids taken from ``tokenizer``. Weights are float32 (see
     ``training_dtype``)."""
-    source = Path(config.model_config).expanduser()
-    if not source.exists():
-        raise InfuseError(f"model_config: {source} does not exist. Give the path of a config JSON "
-                          "(any AutoConfig, e.g. configs/tiny-llama.json) or of a dir holding config.json.")
-    model_config = auto_config(source, config.trust_remote_code)
-    check_context(model_config, _sequence_length(config), _length_key(config), source)
+    _, model_config = check_model_source(config)
     fit_to_tokenizer(model_config, tokenizer)
     if config.attn_implementation:
         model_config._attn_implementation = config.attn_implementation
@@ -299,9 +292,10 @@ def check_model_dir(path: str | Path) -> Path:
     )
 
 
-def check_model_source(config: TrainConfig) -> None:
-    """Fail before any data is tokenized when the model to train does not exist or its context is
-    shorter than the blocks or samples the config asks for."""
+def check_model_source(config: TrainConfig) -> tuple[Path, PretrainedConfig]:
+    """The model's source (model_config file or model dir) and its config, checked: an error when the
+    model does not exist or its context is shorter than the blocks or samples the config asks for.
+    Training calls it before any data is tokenized."""
     if config.model_config:
         source = Path(config.model_config).expanduser()
         if not source.exists():
@@ -311,6 +305,7 @@ def check_model_source(config: TrainConfig) -> None:
         source = check_model_dir(config.model_name_or_path)
     model_config = auto_config(source, config.trust_remote_code)
     check_context(model_config, _sequence_length(config), _length_key(config), source)
+    return source, model_config
 
 
 def check_context(model_config: PretrainedConfig, length: int, key: str = "block_size",

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from rich.console import Console
 from rich.text import Text
 
 from infuse.config import TrainConfig
 from infuse.errors import InfuseError
-from infuse.models import auto_config, check_model_source, context_limit, load_tokenizer
+from infuse.models import check_model_source, context_limit, load_tokenizer
 
 SHOWN_SAMPLES = 3
 SHOWN_HEAD, SHOWN_TAIL = 500, 250  # characters of a long sample shown before and after the cut
@@ -88,12 +87,10 @@ def check_model(config: TrainConfig, console: Console, findings: Findings):
     """The model's config (never its weights), its context checked against block_size/cutoff_len;
     None when there is no usable model."""
     try:
-        check_model_source(config)
+        source, model_config = check_model_source(config)
     except InfuseError as e:
         findings.problems.append(str(e))
         return None
-    source = Path(config.model_config or config.model_name_or_path).expanduser()
-    model_config = auto_config(source, config.trust_remote_code)
     key = "block_size" if config.stage == "pt" else "cutoff_len"
     name, limit = context_limit(model_config)
     console.print(f"Model: {model_config.model_type} from {source}; context {name} {limit} for {key} "

@@ -31,6 +31,7 @@ from datasets import Dataset, Features, List, Value, concatenate_datasets, load_
 from rich.console import Console
 from transformers import default_data_collator
 
+from infuse.data.formats import BadRow, detect_format, parse_row
 from infuse.data.records import RECORD_SUFFIXES, read_records, text_of
 from infuse.data.templates import render, resolve_template
 from infuse.errors import InfuseError
@@ -141,8 +142,6 @@ def _texts_of(path: Path, text_field: str, tokenizer=None) -> list[str]:
 def _row_text(row: dict, where: str, text_field: str, tokenizer) -> str:
     """The row's ``text_field``; or, for a conversation row, the conversation in the tokenizer's chat
     template, so a chat model's own chat data can be replayed while new text is infused into it."""
-    from infuse.data.formats import BadRow, detect_format, parse_row
-
     format_name = detect_format(row) if text_field not in row and getattr(tokenizer, "chat_template", None) else None
     if format_name is None:
         return text_of(row, where, text_field)
