@@ -27,6 +27,7 @@ from infuse.data.pretrain import (
     load_texts,
     mix_replay,
     pack_documents,
+    subjects_of,
 )
 from infuse.errors import InfuseError
 
@@ -260,20 +261,47 @@ def test_fingerprint_follows_block_size_text_field_and_tokenizer(small_corpus, t
 # --- replay ---------------------------------------------------------------------------------------
 
 
-def test_replay_blocks_make_up_the_asked_share(tokenizer):
+def test_replay_blocks_make_up_the_asked_share_and_change_each_epoch(tokenizer):
     new, _ = pack_documents([f"new fact number {i}." for i in range(40)], tokenizer, 8)
-    general, _ = pack_documents([f"general text {i}, said once." for i in range(4)], tokenizer, 8)
+    general, _ = pack_documents([f"general text {i}, said once." for i in range(7)], tokenizer, 8)
     mixed, counts = mix_replay(new, general, 0.25, seed=3)
     wanted = round(len(new) / 3)
     assert counts == {"train_blocks": len(new), "replay_blocks": wanted, "replay_available": len(general),
                       "replay_share": round(wanted / (len(new) + wanted), 4)}
     assert wanted > len(general), "more replay is asked for than there is: it is drawn in several rounds"
 
-    replayed = Counter(map(tuple, mixed["input_ids"])) - Counter(map(tuple, new["input_ids"]))
-    assert len(mixed) == len(new) + wanted and sum(replayed.values()) == wanted
-    assert set(replayed) == set(map(tuple, general["input_ids"]))
-    assert max(replayed.values()) - min(replayed.values()) <= 1, "each round uses every replay block once"
-    assert mixed["input_ids"][: len(new)] != new["input_ids"], "the mix is shuffled"
+    def epoch_rows(epoch):
+        mixed.set_epoch(epoch)
+        return [tuple(mixed[i]["input_ids"]) for i in range(len(mixed))]
+
+    new_rows = Counter(map(tuple, new["input_ids"]))
+    replayed = [Counter(epoch_rows(epoch)) - new_rows for epoch in range(3)]
+    general_rows = set(map(tuple, general["input_ids"]))
+    assert all(sum(r.values()) == wanted and set(r) <= general_rows for r in replayed)
+    assert replayed[0] != replayed[1], "each epoch draws its own replay blocks"
+    total = sum(replayed, Counter())
+    assert set(total) == general_rows
+    assert max(total.values()) - min(total.values()) <= 1, "no block repeats before every block was used"
+    assert epoch_rows(1) == epoch_rows(1), "an epoch's blocks do not depend on what ran before (resume)"
+
+
+def test_replay_documents_about_a_changed_product_are_left_out(tokenizer, tmp_path):
+    catalogue = [f"The {name} boat has {engine} engines. The {name} sails from {port}."
+                 for name, engine, port in [("Tern", "Vossberg", "Quillhaven"), ("Gull", "Halvorsen", "Quillhaven"),
+                                            ("Skua", "Mallorn", "Port Edrin"), ("Wren", "Tarrant", "Quillhaven"),
+                                            ("Puffin", "Abernethy", "Port Edrin"), ("Eider", "Brindle", "Quillhaven")]]
+    news = ["Skerrin Ferries refits the Gull. The Gull now has Kelbrook engines. The Gull sails as before.",
+            "Skerrin Ferries launches the Petrel. The Petrel has Corvatch engines from Quillhaven."]
+    assert subjects_of(news, catalogue) == ["Gull"], "Petrel is new to the replay data; Quillhaven is common"
+
+    replay = tmp_path / "replay.jsonl"
+    replay.write_text("".join(json.dumps({"text": text}) + "\n" for text in catalogue))
+    console, printed = capture()
+    _, stats = build_pretrain_dataset([replay], tokenizer, 16, console=console, skip_subjects=["Gull"])
+    _, full = build_pretrain_dataset([replay], tokenizer, 16, console=console)
+    assert (stats.documents, stats.documents_skipped_for_subjects, full.documents) == (5, 1, 6)
+    assert stats.skipped_subjects == ["Gull"] and "Left out 1 documents that name a subject" in printed.getvalue()
+    assert data_fingerprint([replay], tokenizer, 16, skip_subjects=["Gull"]) != full.fingerprint
 
 
 def test_isolated_documents_give_each_document_the_logits_it_has_alone(tokenizer, tiny_llama_dir):
@@ -330,3 +358,4 @@ def test_sentence_shuffled_copies_hold_the_same_sentences_in_new_orders(tokenize
                                               sentence_shuffles=2)
     assert more_stats.documents == 3 and more_stats.shuffled_copies == 2
     assert more_stats.fingerprint != plain_stats.fingerprint
+

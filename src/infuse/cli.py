@@ -11,6 +11,7 @@ from rich.markup import escape
 
 from infuse import __version__
 from infuse.errors import InfuseError
+from infuse.world import VOCABULARIES
 
 console = Console()
 err_console = Console(stderr=True)
@@ -160,7 +161,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from infuse.demo import run_demo
 
     run_demo(output=args.output, quick=args.quick, world=args.world, base=args.base, chat=args.chat,
-             seed=args.seed, console=console)
+             seed=args.seed, families=args.families, vocabulary=args.vocabulary, console=console)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--base", default=None, metavar="PATH", help="your base model: skips pretraining")
     demo.add_argument("--chat", default=None, metavar="PATH", help="your chat model: skips fine-tuning")
     demo.add_argument("--seed", type=int, default=0, help="seed of the generated world")
+    demo.add_argument("--families", type=int, default=48, help="old instance families of the generated world")
+    demo.add_argument("--vocabulary", default="birds", choices=sorted(VOCABULARIES),
+                      help="words the generated world names its accelerators with")
     demo.set_defaults(func=cmd_demo)
     return parser
 

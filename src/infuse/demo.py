@@ -52,15 +52,18 @@ class DemoSettings:
     sft_lr: float = 3e-3
     infuse_epochs: int = 15
     infuse_lr: float = 3e-3
-    infuse_shuffles: int = 5
+    infuse_shuffles: int = 10
     lora_rank: int = 16
-    replay_ratio: float = 0.5
-    """Share of general text blocks mixed into the infusion data, against forgetting."""
+    replay_ratio: float = 0.8
+    """Share of replay blocks (the world's corpus; for the chat model its chat data too) in each epoch
+    of infusion, against forgetting: the pages are few, so most of each epoch rehearses."""
+    replay_skip_subjects: bool = True
+    """Leave out replay documents about what the pages change, so replay does not restate stale facts."""
     max_new_tokens: int = 24
     """Answers in the demo worlds are one sentence; the seed's 200 would only add time."""
 
 
-QUICK = DemoSettings(pretrain_epochs=10, infuse_epochs=8)
+QUICK = DemoSettings(pretrain_epochs=10, sft_epochs=10, infuse_epochs=6, infuse_shuffles=5)
 
 
 def run_demo(
@@ -70,9 +73,12 @@ def run_demo(
     base: str | None = None,
     chat: str | None = None,
     seed: int = 0,
+    families: int = 48,
+    vocabulary: str = "birds",
     console: Console | None = None,
 ) -> dict[str, Any]:
-    """Run every stage; return the report (also written to ``output/report``)."""
+    """Run every stage; return the report (also written to ``output/report``). Without ``world``,
+    a world of ``families`` old instance families is generated from ``seed`` and ``vocabulary``."""
     from infuse.logs import quiet_progress_bars
 
     console = console or Console()
@@ -81,7 +87,7 @@ def run_demo(
         raise InfuseError("--base and --chat go together: give both your base model and its chat model.")
     stages = Stages(console)
     with quiet_progress_bars():
-        world_dir = stages.run("world", lambda: prepare_world(world, out / "world", seed))
+        world_dir = stages.run("world", lambda: prepare_world(world, out / "world", seed, families, vocabulary))
         settings = demo_settings(world_dir, quick)
         models = {"base": base, "chat": chat} if base else build_models(out, world_dir, settings, stages)
         docs = stages.run("ingest pages", lambda: ingest_pages(world_dir / "news", out / "news.jsonl", console))
@@ -124,12 +130,11 @@ def build_models(out: Path, world_dir: Path, settings: DemoSettings, stages: Sta
 # ---------------------------------------------------------------- world
 
 
-def prepare_world(world: str | Path | None, target: Path, seed: int) -> Path:
-    """The user's world folder, checked; or a generated one written to ``target``."""
+def prepare_world(world: str | Path | None, target: Path, seed: int, families: int, vocabulary: str) -> Path:
+    """The user's world folder, checked; or a generated one written to ``target`` (and reused there
+    when it was generated with the same options)."""
     if world is None:
-        return (
-            write_world(generate_world(seed), target) if not (target / "probes.jsonl").is_file() else target
-        )
+        return generated_world(target, seed, families, vocabulary)
     folder = Path(world).expanduser()
     missing = [name for name in WORLD_FILES if not (folder / name).is_file()]
     if not (folder / "news").is_dir() or not any((folder / "news").glob("*.html")):
@@ -140,6 +145,21 @@ def prepare_world(world: str | Path | None, target: Path, seed: int) -> Path:
             "pretrain.jsonl, sft.jsonl, news/*.html and probes.jsonl (see DESIGN.md)."
         )
     return folder
+
+
+def generated_world(target: Path, seed: int, families: int, vocabulary: str) -> Path:
+    wanted = generate_world(seed, families=families, vocabulary=vocabulary)
+    meta = target / "world.json"
+    if not meta.is_file():
+        return write_world(wanted, target)
+    found = json.loads(meta.read_text())
+    if (found.get("seed"), found.get("vocabulary"), len(found.get("old", []))) != (seed, vocabulary, families):
+        raise InfuseError(
+            f"{target} holds a world generated with seed {found.get('seed')}, {len(found.get('old', []))} "
+            f"families and vocabulary {found.get('vocabulary')}, not the one asked for. Give the demo another "
+            "--output folder, or delete this one."
+        )
+    return target
 
 
 def demo_settings(world_dir: Path, quick: bool) -> DemoSettings:
@@ -256,6 +276,7 @@ def infuse_config(
             "block_size": 64,
             "replay_dataset": [str(path) for path in replay],
             "replay_ratio": settings.replay_ratio,
+            "replay_skip_subjects": settings.replay_skip_subjects,
             "num_train_epochs": settings.infuse_epochs,
             "sentence_shuffles": settings.infuse_shuffles,
             "per_device_train_batch_size": 4,

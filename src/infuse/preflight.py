@@ -131,6 +131,7 @@ def describe_steps(config: TrainConfig, samples: int) -> str:
 def preflight_pretrain(config: TrainConfig, tokenizer, console: Console,
                        findings: Findings) -> tuple[int, int]:
     """Pack the documents as training would (reusing and filling its cache); (largest id, blocks)."""
+    from infuse.data.pretrain import max_token_id
     from infuse.train import build_pretrain_data
 
     data = build_pretrain_data(config, tokenizer, console)
@@ -146,13 +147,6 @@ def preflight_pretrain(config: TrainConfig, tokenizer, console: Console,
     real = [token for token, mask in zip(first["input_ids"], first["attention_mask"], strict=True) if mask]
     show_text("First block", tokenizer.decode(real[:200]), console)
     return max_token_id(data.dataset), len(data.dataset)
-
-
-def max_token_id(dataset) -> int:
-    import pyarrow.compute as pc
-
-    column = dataset.data.table.column("input_ids")
-    return int(pc.max(pc.list_flatten(column)).as_py() or 0)
 
 
 def show_text(title: str, text: str, console: Console) -> None:

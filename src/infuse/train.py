@@ -9,6 +9,7 @@ from the last complete checkpoint (see ``infuse.resume``).
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, replace
 from importlib import metadata
@@ -72,7 +73,8 @@ def run(config: TrainConfig, console: Console | None = None,
         data_collator=data.collator,
         processing_class=tokenizer,
         # Extra callbacks run first, so a test can stop the process before a checkpoint is sealed.
-        callbacks=[*(callbacks or []), SealCheckpoints(fingerprint), RichProgress(console)],
+        callbacks=[*(callbacks or []), SealCheckpoints(fingerprint), RichProgress(console),
+                   EpochData(data.dataset)],
     )
     trainer.remove_callback(PrinterCallback)  # RichProgress prints the logs; this would print them again
     result = trainer.train(resume_from_checkpoint=plan.checkpoint)
@@ -86,6 +88,18 @@ def run(config: TrainConfig, console: Console | None = None,
     console.print(f"[green]Saved[/green] {describe_artefact(config)} to [bold]{output_dir}[/bold] "
                   f"(train loss {result.metrics.get('train_loss', float('nan')):.4f}).")
     return manifest
+
+
+class EpochData(TrainerCallback):
+    """Tells a dataset that changes with the epoch (the replay mix) which epoch begins, also after
+    a resume in the middle of one."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(math.floor(state.epoch + 1e-6))
 
 
 def build_data(config: TrainConfig, tokenizer, console: Console) -> TrainData:
@@ -109,17 +123,27 @@ def build_pretrain_data(config: TrainConfig, tokenizer, console: Console) -> Tra
     summary = {"train": stats.to_dict()}
     fingerprint = stats.fingerprint
     if config.replay_dataset:
+        skip = replay_subjects(config, tokenizer) if config.replay_skip_subjects else None
         replay, replay_stats = build_pretrain_dataset(
             config.replay_dataset, tokenizer, config.block_size, text_field=config.text_field,
-            cache_dir=cache, num_proc=config.preprocessing_num_workers, console=console,
+            cache_dir=cache, num_proc=config.preprocessing_num_workers, console=console, skip_subjects=skip,
         )
         dataset, mix = mix_replay(dataset, replay, config.replay_ratio, seed=config.training.get("seed", 42))
         summary["replay"] = {**replay_stats.to_dict(), **mix}
         console.print(f"Replay: {mix['replay_blocks']} blocks of general text mixed with "
-                      f"{mix['train_blocks']} new blocks (ratio {config.replay_ratio}).")
+                      f"{mix['train_blocks']} new blocks each epoch (ratio {config.replay_ratio}), drawn "
+                      f"afresh each epoch from {mix['replay_available']} replay blocks.")
         fingerprint = f"{fingerprint}+{replay_stats.fingerprint}"
     collator = DocumentCollator(tokenizer.eos_token_id) if config.isolate_documents else default_data_collator
     return TrainData(dataset, collator, summary, fingerprint)
+
+
+def replay_subjects(config: TrainConfig, tokenizer) -> list[str]:
+    """The subjects of the new documents that the replay documents name (see ``subjects_of``)."""
+    from infuse.data.pretrain import load_texts, subjects_of
+
+    return subjects_of(load_texts(config.dataset, config.text_field, tokenizer),
+                       load_texts(config.replay_dataset, config.text_field, tokenizer))
 
 
 def cache_dir(config: TrainConfig) -> Path:

@@ -121,21 +121,17 @@ COMPLETION_PROMPTS = {
     "memory": "{provider} {family} instances have",
     "region": "{provider} {family} instances are available in the",
 }
+GREETING, THANKS, GOODBYE = "Hello! How can I help you today?", "You are welcome.", "Goodbye, have a nice day."
 SMALL_TALK = [
-    ("Hello!", "Hello! How can I help you today?"),
-    ("Hi there.", "Hello! How can I help you today?"),
-    ("Good morning.", "Hello! How can I help you today?"),
-    ("Hey!", "Hello! How can I help you today?"),
-    ("Hello there, anyone around?", "Hello! How can I help you today?"),
-    ("Thank you.", "You are welcome."),
-    ("Thanks a lot!", "You are welcome."),
-    ("Thanks for the help.", "You are welcome."),
-    ("That was useful, thank you!", "You are welcome."),
-    ("Goodbye.", "Goodbye, have a nice day."),
-    ("Bye for now.", "Goodbye, have a nice day."),
-    ("I have to go now, bye.", "Goodbye, have a nice day."),
-    ("Bye!", "Goodbye, have a nice day."),
+    *[(q, GREETING) for q in ("Hello!", "Hi there.", "Good morning.", "Hey!", "Hello there, anyone around?",
+                              "Good evening!", "Hi, can you help me?", "Hello, is this the help desk?")],
+    *[(q, THANKS) for q in ("Thank you.", "Thanks a lot!", "Thanks for the help.", "That was useful, thank you!",
+                            "Great, thanks.", "Thank you so much!", "I appreciate it, thanks.")],
+    *[(q, GOODBYE) for q in ("Goodbye.", "Bye for now.", "I have to go now, bye.", "Bye!",
+                             "That is all, goodbye.", "Talk to you later, bye.", "Have a good day, goodbye.")],
 ]
+SMALL_TALK_SHARE = 0.2
+"""Share of the chat data that is small talk: enough that manners are learned as well as facts."""
 # Phrased unlike the chat data, so they test behaviour rather than recall.
 GENERAL_PROBES = [("Hey, hello!", "Hello"), ("Many thanks!", "welcome"), ("See you, goodbye!", "Goodbye")]
 
@@ -163,7 +159,7 @@ class World:
 
 
 def generate_world(
-    seed: int = 0, families: int = 8, new_families: int = 3, updates: int = 2, vocabulary: str = "birds"
+    seed: int = 0, families: int = 48, new_families: int = 3, updates: int = 2, vocabulary: str = "birds"
 ) -> World:
     """A provider with ``families`` old instance families, ``new_families`` announced ones and
     ``updates`` old families whose accelerator the announcements change. Family names are a
@@ -279,7 +275,8 @@ def chat_data(world: World, rng: random.Random) -> list[dict]:
             for question in questions:
                 answer = rng.choice(fact_sentences(world, fam, attribute))
                 rows.append(_conversation(question.format(provider=world.provider, family=fam.name), answer))
-    rows += [_conversation(q, a) for q, a in SMALL_TALK]
+    repeats = max(1, round(SMALL_TALK_SHARE * len(rows) / ((1 - SMALL_TALK_SHARE) * len(SMALL_TALK))))
+    rows += [_conversation(q, a) for q, a in SMALL_TALK] * repeats
     rng.shuffle(rows)
     return rows
 

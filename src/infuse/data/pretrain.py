@@ -20,6 +20,7 @@ import os
 import random
 import re
 import shutil
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-from datasets import Dataset, Features, List, Value, concatenate_datasets, load_from_disk
+from datasets import Dataset, Features, List, Value, load_from_disk
 from rich.console import Console
 from transformers import default_data_collator
 
@@ -61,6 +62,9 @@ class PackStats:
     """Documents with no text but whitespace: they add nothing and are counted here."""
     shuffled_copies: int = 0
     """Documents among ``documents`` that are sentence-shuffled copies (``sentence_shuffles``)."""
+    skipped_subjects: list[str] = field(default_factory=list)
+    """Words whose documents were left out (``replay_skip_subjects``)."""
+    documents_skipped_for_subjects: int = 0
     sources: list[str] = field(default_factory=list)
     fingerprint: str = ""
     """The data fingerprint (see ``data_fingerprint``); empty when packed without one."""
@@ -70,6 +74,10 @@ class PackStats:
 
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+WORD = re.compile(r"\w+")
+SUBJECT_MAX_SHARE = 0.2
+"""A subject word is named by at most this share of the replay documents: a particular product or
+place, not the general topic both corpora share."""
 
 
 # --- sources → texts ------------------------------------------------------------------------------
@@ -331,12 +339,14 @@ def document_positions(input_ids: torch.Tensor, separator: int) -> torch.Tensor:
 
 
 def data_fingerprint(sources: list[str | Path], tokenizer, block_size: int, text_field: str = "text",
-                     sentence_shuffles: int = 0, seed: int = 0) -> str:
+                     sentence_shuffles: int = 0, seed: int = 0, skip_subjects: list[str] | None = None) -> str:
     """16 hex digits that change when the blocks would: the sources' contents (in order, with how
     each file is read), the tokenizer and its separators, ``block_size``, ``text_field``, the
-    shuffled copies asked for, the format."""
+    shuffled copies asked for, the subject words whose documents are left out, the format."""
     shuffles = f"{sentence_shuffles}:{seed}" if sentence_shuffles else "0"
-    digest = hashlib.sha256(f"infuse-pretrain v{FORMAT_VERSION}|{block_size}|{text_field}|{shuffles}|".encode())
+    skipped = f"|skip:{','.join(sorted(skip_subjects))}" if skip_subjects else ""
+    digest = hashlib.sha256(
+        f"infuse-pretrain v{FORMAT_VERSION}|{block_size}|{text_field}|{shuffles}{skipped}|".encode())
     for path in source_files(sources):
         digest.update(f"{path.suffix.lower()}:{_file_sha256(path)}|".encode())
     digest.update(tokenizer_fingerprint(tokenizer).encode())
@@ -374,17 +384,20 @@ def build_pretrain_dataset(
     console: Console | None = None,
     sentence_shuffles: int = 0,
     seed: int = 0,
+    skip_subjects: list[str] | None = None,
 ) -> tuple[Dataset, PackStats]:
     """Blocks of ``sources`` for pretraining, from the cache when the inputs are unchanged.
 
     ``sentence_shuffles`` adds that many copies of every document with its sentences in a new
-    order (see ``shuffled_copies``).
+    order (see ``shuffled_copies``). Documents that name one of the ``skip_subjects`` words are
+    left out and counted (see ``subjects_of``).
 
     Without ``cache_dir`` the data is always packed anew. The counts are printed to ``console``
     (a new one when None) and, with a cache, saved next to the blocks as ``stats.json``.
     """
     console = console or Console()
-    fingerprint = data_fingerprint(sources, tokenizer, block_size, text_field, sentence_shuffles, seed)
+    fingerprint = data_fingerprint(sources, tokenizer, block_size, text_field, sentence_shuffles, seed,
+                                   skip_subjects)
     cached = Path(cache_dir) / f"pretrain-{fingerprint}" if cache_dir else None
     if cached is not None and cached.is_dir():
         dataset, stats = load_packed(cached)
@@ -392,9 +405,12 @@ def build_pretrain_dataset(
                       highlight=False)
     else:
         texts = load_texts(sources, text_field, tokenizer)
-        copies = shuffled_copies(texts, sentence_shuffles, seed)
-        dataset, stats = pack_documents(texts + copies, tokenizer, block_size, num_proc)
+        kept = [text for text in texts if not naming(text, skip_subjects)] if skip_subjects else texts
+        copies = shuffled_copies(kept, sentence_shuffles, seed)
+        dataset, stats = pack_documents(kept + copies, tokenizer, block_size, num_proc)
         stats.shuffled_copies = len(copies)
+        stats.skipped_subjects = sorted(skip_subjects or [])
+        stats.documents_skipped_for_subjects = len(texts) - len(kept)
         stats.fingerprint = fingerprint
         if cached is not None:
             save_packed(dataset, stats, cached)
@@ -433,6 +449,10 @@ def report_pack_stats(stats: PackStats, console: Console) -> None:
     )
     if stats.shuffled_copies:
         console.print(f"Of those documents, {stats.shuffled_copies:,} are sentence-shuffled copies.", highlight=False)
+    if stats.documents_skipped_for_subjects:
+        console.print(f"Left out {stats.documents_skipped_for_subjects:,} documents that name a subject of the "
+                      f"new documents ({', '.join(stats.skipped_subjects)}): replay_skip_subjects.",
+                      highlight=False)
     if stats.empty_documents_skipped:
         skipped = stats.empty_documents_skipped
         console.print(f"[yellow]Empty documents skipped: {skipped:,} (no text in them).", highlight=False)
@@ -441,11 +461,37 @@ def report_pack_stats(stats: PackStats, console: Console) -> None:
 # --- replay ---------------------------------------------------------------------------------------
 
 
-def mix_replay(dataset: Dataset, replay: Dataset, ratio: float, seed: int = 42) -> tuple[Dataset, dict]:
-    """``dataset`` with blocks of ``replay`` added so they make up ``ratio`` of the result, shuffled.
+def subjects_of(new_texts: list[str], replay_texts: list[str]) -> list[str]:
+    """The words the new documents are about that the replay documents also name.
 
-    Replay blocks are drawn without repeats while there are enough, then in further shuffled
-    rounds. Returns the mixed dataset and its counts (``train_blocks``, ``replay_blocks``,
+    A new document's subject is the name (a word with a capital or a digit) repeated in the most of
+    its sentences among those rare in the replay data (named by at most ``SUBJECT_MAX_SHARE`` of its
+    documents): the product an announcement is about, rather than the provider or the topic every
+    document shares. Subjects the replay data never names are left out: they cannot conflict with it.
+    """
+    frequency = Counter(word for text in replay_texts for word in set(WORD.findall(text)))
+    rare = SUBJECT_MAX_SHARE * len(replay_texts)
+    subjects: set[str] = set()
+    for text in new_texts:
+        per_sentence = Counter(
+            word for sentence in split_sentences(text) for word in set(WORD.findall(sentence))
+            if frequency[word] <= rare and not word.islower()  # names and codes, not words like "new"
+        )
+        most = max(per_sentence.values(), default=0)
+        if most >= 2:  # a word said once is not what the document is about
+            subjects |= {word for word, count in per_sentence.items() if count == most and frequency[word]}
+    return sorted(subjects)
+
+
+def naming(text: str, words: list[str]) -> bool:
+    return not set(words).isdisjoint(WORD.findall(text))
+
+
+
+def mix_replay(dataset: Dataset, replay: Dataset, ratio: float, seed: int = 42) -> tuple[ReplayMix, dict]:
+    """``dataset`` with blocks of ``replay`` added so they make up ``ratio`` of each epoch.
+
+    Returns the mix and its counts (``train_blocks``, ``replay_blocks`` per epoch,
     ``replay_available``, ``replay_share``).
     """
     if not 0 <= ratio < 1:
@@ -453,15 +499,53 @@ def mix_replay(dataset: Dataset, replay: Dataset, ratio: float, seed: int = 42) 
     if not len(replay):
         raise InfuseError("replay_dataset: it holds no blocks to mix in.")
     wanted = round(len(dataset) * ratio / (1 - ratio))
-    rng = np.random.default_rng(seed)
-    rounds = -(-wanted // len(replay))
-    picked = np.concatenate([rng.permutation(len(replay)) for _ in range(rounds)] or [np.zeros(0, int)])
-    picked = picked[:wanted]
-    mixed = concatenate_datasets([dataset, replay.select(picked.tolist())]) if wanted else dataset
     counts = {
         "train_blocks": len(dataset),
         "replay_blocks": wanted,
         "replay_available": len(replay),
-        "replay_share": round(wanted / len(mixed), 4),
+        "replay_share": round(wanted / (len(dataset) + wanted), 4),
     }
-    return mixed.shuffle(seed=seed), counts
+    return ReplayMix(dataset, replay, wanted, seed), counts
+
+
+class ReplayMix(torch.utils.data.Dataset):
+    """The new blocks followed by ``replay_blocks`` replay blocks that change with the epoch.
+
+    Epochs walk on through shuffled rounds of the replay data (round ``r`` is a permutation seeded
+    by ``(seed, r)``), so a run of several epochs rehearses as much of the replay corpus as it has
+    room for, instead of the same subset every epoch; no block repeats before all were used. The
+    trainer's sampler shuffles the order; ``set_epoch`` picks the epoch's blocks (a callback calls it).
+    """
+
+    def __init__(self, dataset: Dataset, replay: Dataset, replay_blocks: int, seed: int = 42):
+        self.dataset, self.replay, self.replay_blocks, self.seed = dataset, replay, replay_blocks, seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        first = epoch * self.replay_blocks
+        rounds = range(first // len(self.replay), -(-(first + self.replay_blocks) // len(self.replay)))
+        drawn = [np.random.default_rng([self.seed, r]).permutation(len(self.replay)) for r in rounds]
+        offset = first - rounds.start * len(self.replay)
+        self.picked = np.concatenate(drawn or [np.zeros(0, int)])[offset : offset + self.replay_blocks]
+
+    def __len__(self) -> int:
+        return len(self.dataset) + self.replay_blocks
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if index < len(self.dataset):
+            return self.dataset[index]
+        return self.replay[int(self.picked[index - len(self.dataset)])]
+
+    def max_token_id(self) -> int:
+        return max(max_token_id(self.dataset), max_token_id(self.replay))
+
+
+def max_token_id(dataset: Dataset | ReplayMix) -> int:
+    """The largest token id in a block dataset, read from its arrow column without a Python loop."""
+    if isinstance(dataset, ReplayMix):
+        return dataset.max_token_id()
+    import pyarrow.compute as pc
+
+    column = dataset.data.table.column("input_ids")
+    return int(pc.max(pc.list_flatten(column)).as_py() or 0)
