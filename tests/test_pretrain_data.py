@@ -294,14 +294,15 @@ def test_replay_documents_about_a_changed_product_are_left_out(tokenizer, tmp_pa
             "Skerrin Ferries launches the Petrel. The Petrel has Corvatch engines from Quillhaven."]
     assert subjects_of(news, catalogue) == ["Gull"], "Petrel is new to the replay data; Quillhaven is common"
 
-    replay = tmp_path / "replay.jsonl"
+    replay, new = tmp_path / "replay.jsonl", tmp_path / "news.jsonl"
     replay.write_text("".join(json.dumps({"text": text}) + "\n" for text in catalogue))
+    new.write_text("".join(json.dumps({"text": text}) + "\n" for text in news))
     console, printed = capture()
-    _, stats = build_pretrain_dataset([replay], tokenizer, 16, console=console, skip_subjects=["Gull"])
+    _, stats = build_pretrain_dataset([replay], tokenizer, 16, console=console, skip_subjects_of=[new])
     _, full = build_pretrain_dataset([replay], tokenizer, 16, console=console)
     assert (stats.documents, stats.documents_skipped_for_subjects, full.documents) == (5, 1, 6)
     assert stats.skipped_subjects == ["Gull"] and "Left out 1 documents that name a subject" in printed.getvalue()
-    assert data_fingerprint([replay], tokenizer, 16, skip_subjects=["Gull"]) != full.fingerprint
+    assert data_fingerprint([replay], tokenizer, 16, skip_subjects_of=[new]) != full.fingerprint
 
 
 def test_isolated_documents_give_each_document_the_logits_it_has_alone(tokenizer, tiny_llama_dir):

@@ -149,10 +149,9 @@ def prepare_world(world: str | Path | None, target: Path, seed: int, families: i
 
 
 def generated_world(target: Path, seed: int, families: int, vocabulary: str) -> Path:
-    wanted = generate_world(seed, families=families, vocabulary=vocabulary)
     meta = target / "world.json"
     if not meta.is_file():
-        return write_world(wanted, target)
+        return write_world(generate_world(seed, families=families, vocabulary=vocabulary), target)
     found = json.loads(meta.read_text())
     if (found.get("seed"), found.get("vocabulary"), len(found.get("old", []))) != (seed, vocabulary, families):
         raise InfuseError(

@@ -123,27 +123,19 @@ def build_pretrain_data(config: TrainConfig, tokenizer, console: Console) -> Tra
     summary = {"train": stats.to_dict()}
     fingerprint = stats.fingerprint
     if config.replay_dataset:
-        skip = replay_subjects(config, tokenizer) if config.replay_skip_subjects else None
         replay, replay_stats = build_pretrain_dataset(
             config.replay_dataset, tokenizer, config.block_size, text_field=config.text_field,
-            cache_dir=cache, num_proc=config.preprocessing_num_workers, console=console, skip_subjects=skip,
+            cache_dir=cache, num_proc=config.preprocessing_num_workers, console=console,
+            skip_subjects_of=config.dataset if config.replay_skip_subjects else None,
         )
         dataset, mix = mix_replay(dataset, replay, config.replay_ratio, seed=config.training.get("seed", 42))
         summary["replay"] = {**replay_stats.to_dict(), **mix}
         console.print(f"Replay: {mix['replay_blocks']} blocks of general text mixed with "
                       f"{mix['train_blocks']} new blocks each epoch (ratio {config.replay_ratio}), drawn "
-                      f"afresh each epoch from {mix['replay_available']} replay blocks.")
+                      f"afresh from {mix['replay_available']} replay blocks.")
         fingerprint = f"{fingerprint}+{replay_stats.fingerprint}"
     collator = DocumentCollator(tokenizer.eos_token_id) if config.isolate_documents else default_data_collator
     return TrainData(dataset, collator, summary, fingerprint)
-
-
-def replay_subjects(config: TrainConfig, tokenizer) -> list[str]:
-    """The subjects of the new documents that the replay documents name (see ``subjects_of``)."""
-    from infuse.data.pretrain import load_texts, subjects_of
-
-    return subjects_of(load_texts(config.dataset, config.text_field, tokenizer),
-                       load_texts(config.replay_dataset, config.text_field, tokenizer))
 
 
 def cache_dir(config: TrainConfig) -> Path:

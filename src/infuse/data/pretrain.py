@@ -339,16 +339,17 @@ def document_positions(input_ids: torch.Tensor, separator: int) -> torch.Tensor:
 
 
 def data_fingerprint(sources: list[str | Path], tokenizer, block_size: int, text_field: str = "text",
-                     sentence_shuffles: int = 0, seed: int = 0, skip_subjects: list[str] | None = None) -> str:
+                     sentence_shuffles: int = 0, seed: int = 0,
+                     skip_subjects_of: list[str | Path] | None = None) -> str:
     """16 hex digits that change when the blocks would: the sources' contents (in order, with how
     each file is read), the tokenizer and its separators, ``block_size``, ``text_field``, the
-    shuffled copies asked for, the subject words whose documents are left out, the format."""
+    shuffled copies asked for, the documents whose subjects are left out, the format."""
     shuffles = f"{sentence_shuffles}:{seed}" if sentence_shuffles else "0"
-    skipped = f"|skip:{','.join(sorted(skip_subjects))}" if skip_subjects else ""
-    digest = hashlib.sha256(
-        f"infuse-pretrain v{FORMAT_VERSION}|{block_size}|{text_field}|{shuffles}{skipped}|".encode())
+    digest = hashlib.sha256(f"infuse-pretrain v{FORMAT_VERSION}|{block_size}|{text_field}|{shuffles}|".encode())
     for path in source_files(sources):
         digest.update(f"{path.suffix.lower()}:{_file_sha256(path)}|".encode())
+    for path in source_files(skip_subjects_of or []):
+        digest.update(f"skip subjects of {path.suffix.lower()}:{_file_sha256(path)}|".encode())
     digest.update(tokenizer_fingerprint(tokenizer).encode())
     return digest.hexdigest()[:16]
 
@@ -384,20 +385,20 @@ def build_pretrain_dataset(
     console: Console | None = None,
     sentence_shuffles: int = 0,
     seed: int = 0,
-    skip_subjects: list[str] | None = None,
+    skip_subjects_of: list[str | Path] | None = None,
 ) -> tuple[Dataset, PackStats]:
     """Blocks of ``sources`` for pretraining, from the cache when the inputs are unchanged.
 
     ``sentence_shuffles`` adds that many copies of every document with its sentences in a new
-    order (see ``shuffled_copies``). Documents that name one of the ``skip_subjects`` words are
-    left out and counted (see ``subjects_of``).
+    order (see ``shuffled_copies``). Documents that name a subject of the documents in
+    ``skip_subjects_of`` are left out and counted (see ``subjects_of``).
 
     Without ``cache_dir`` the data is always packed anew. The counts are printed to ``console``
     (a new one when None) and, with a cache, saved next to the blocks as ``stats.json``.
     """
     console = console or Console()
     fingerprint = data_fingerprint(sources, tokenizer, block_size, text_field, sentence_shuffles, seed,
-                                   skip_subjects)
+                                   skip_subjects_of)
     cached = Path(cache_dir) / f"pretrain-{fingerprint}" if cache_dir else None
     if cached is not None and cached.is_dir():
         dataset, stats = load_packed(cached)
@@ -405,11 +406,12 @@ def build_pretrain_dataset(
                       highlight=False)
     else:
         texts = load_texts(sources, text_field, tokenizer)
-        kept = [text for text in texts if not naming(text, skip_subjects)] if skip_subjects else texts
+        subjects = subjects_of(load_texts(skip_subjects_of, text_field, tokenizer), texts) if skip_subjects_of else []
+        kept = [text for text in texts if not names_any(text, subjects)] if subjects else texts
         copies = shuffled_copies(kept, sentence_shuffles, seed)
         dataset, stats = pack_documents(kept + copies, tokenizer, block_size, num_proc)
         stats.shuffled_copies = len(copies)
-        stats.skipped_subjects = sorted(skip_subjects or [])
+        stats.skipped_subjects = subjects
         stats.documents_skipped_for_subjects = len(texts) - len(kept)
         stats.fingerprint = fingerprint
         if cached is not None:
@@ -483,9 +485,8 @@ def subjects_of(new_texts: list[str], replay_texts: list[str]) -> list[str]:
     return sorted(subjects)
 
 
-def naming(text: str, words: list[str]) -> bool:
+def names_any(text: str, words: list[str]) -> bool:
     return not set(words).isdisjoint(WORD.findall(text))
-
 
 
 def mix_replay(dataset: Dataset, replay: Dataset, ratio: float, seed: int = 42) -> tuple[ReplayMix, dict]:
@@ -522,7 +523,6 @@ class ReplayMix(torch.utils.data.Dataset):
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
         first = epoch * self.replay_blocks
         rounds = range(first // len(self.replay), -(-(first + self.replay_blocks) // len(self.replay)))
         drawn = [np.random.default_rng([self.seed, r]).permutation(len(self.replay)) for r in rounds]
@@ -537,14 +537,11 @@ class ReplayMix(torch.utils.data.Dataset):
             return self.dataset[index]
         return self.replay[int(self.picked[index - len(self.dataset)])]
 
-    def max_token_id(self) -> int:
-        return max(max_token_id(self.dataset), max_token_id(self.replay))
-
 
 def max_token_id(dataset: Dataset | ReplayMix) -> int:
     """The largest token id in a block dataset, read from its arrow column without a Python loop."""
     if isinstance(dataset, ReplayMix):
-        return dataset.max_token_id()
+        return max(max_token_id(dataset.dataset), max_token_id(dataset.replay))
     import pyarrow.compute as pc
 
     column = dataset.data.table.column("input_ids")
