@@ -55,6 +55,13 @@ def test_model_source_must_be_exactly_one():
         config_from_dict({**MINIMAL, "model_name_or_path": "some/dir"})
 
 
+def test_replay_refuses_persistent_workers_that_would_keep_the_first_epochs_blocks():
+    replay = {**MINIMAL, "replay_dataset": "general.jsonl", "replay_ratio": 0.5, "dataloader_num_workers": 2}
+    assert config_from_dict(replay).replay_ratio == 0.5
+    with pytest.raises(InfuseError, match="dataloader_persistent_workers: cannot be used with replay_dataset"):
+        config_from_dict({**replay, "dataloader_persistent_workers": True})
+
+
 def test_invalid_yaml_names_the_line(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("stage: pt\nmodel_config: [unclosed\n")

@@ -29,3 +29,15 @@ def test_empty_corpus_is_rejected(tmp_path):
     empty.write_text("\n\n")
     with pytest.raises(InfuseError, match="empty"):
         train_tokenizer([empty], 1000, tmp_path / "tok")
+
+
+def test_max_token_length_caps_merged_tokens_and_keeps_the_round_trip(tmp_path, shared_data):
+    corpus = shared_data / "wiki_demo.txt"
+    tok = train_tokenizer([corpus], 1024, tmp_path / "tok", max_token_length=5)
+    longest = max(len(piece) for piece in tok.get_vocab() if not piece.startswith("<"))
+    assert longest <= 5
+    unbounded = train_tokenizer([corpus], 1024, tmp_path / "free")
+    assert max(len(piece) for piece in unbounded.get_vocab() if not piece.startswith("<")) > 5
+    text = corpus.read_text().splitlines()[0][:300]
+    assert len(tok(text).input_ids) > len(unbounded(text).input_ids)
+    assert tok.decode(tok(text).input_ids) == text

@@ -64,9 +64,9 @@ def sft_texts(sft: list[dict]) -> list[str]:
 
 
 def test_pretrain_lines_are_nonempty_texts(pretrain):
-    assert 24 <= len(pretrain) <= 40
-    assert all(isinstance(text, str) and len(text.split()) > 40 for text in pretrain)
-    assert 3000 <= sum(len(text.split()) for text in pretrain) <= 6000
+    assert 150 <= len(pretrain) <= 250
+    assert all(isinstance(text, str) and len(text.split()) > 20 for text in pretrain)
+    assert 10_000 <= sum(len(text.split()) for text in pretrain) <= 20_000
 
 
 def test_sft_lines_are_conversations_ending_with_the_assistant(sft):
@@ -106,7 +106,7 @@ def assert_stated(probe: dict, texts: list[str], times: int) -> None:
 def test_new_and_updated_answers_are_stated_in_the_news_pages(probes, news):
     checked = [p for p in probes if p["group"] in ("new", "updated")]
     for probe in checked:
-        assert_stated(probe, list(news.values()), times=3)
+        assert_stated(probe, list(news.values()), times=2)
     assert len(checked) == 10
 
 
@@ -114,16 +114,24 @@ def test_old_answers_are_stated_in_the_pretraining_corpus(probes, pretrain):
     checked = [p for p in probes if p["group"] == "old"]
     for probe in checked:
         assert_stated(probe, pretrain, times=4)
-    assert len(checked) == 12
+    assert len(checked) == 20
 
 
-def test_new_ships_and_their_facts_are_absent_before_the_news(probes, pretrain, sft, news):
+def test_new_facts_are_absent_before_the_news(probes, pretrain, sft, news):
+    """The new ships' names and their engine makers are known words (a race, an inn, a bell; firms
+    that build engines for other boats), but no text before the news ties a ship to its maker."""
     before = [norm(t) for t in pretrain + sft_texts(sft)]
-    new_answers = [a for p in probes if p["group"] == "new" for a in p["answers"]]
-    for name in NEW_SHIPS + tuple(new_answers):
-        assert not any(norm(name) in line for line in before), f"'{name}' appears before the news"
-    for name in NEW_SHIPS:
-        assert any(norm(name) in page for page in news.values()), f"no page introduces '{name}'"
+    makers = {ship: p["answers"][0] for p in probes if p["group"] == "new" and (ship := ship_of(p))}
+    assert set(makers) == set(NEW_SHIPS)
+    for ship, maker in makers.items():
+        assert not any(norm(ship) in text and norm(maker) in text for text in before), ship
+        assert not any(norm(ship) + " is powered" in text for text in before), ship
+        assert any(norm(ship) in page and norm(maker) in page for page in news.values()), ship
+
+
+def ship_of(probe: dict) -> str | None:
+    found = re.match(r"The (.+) is powered by engines from", probe["prompt"])
+    return found and found.group(1)
 
 
 def test_updated_probes_replace_a_stale_value_the_corpus_teaches(probes, pretrain, sft, news):
@@ -132,7 +140,9 @@ def test_updated_probes_replace_a_stale_value_the_corpus_teaches(probes, pretrai
     for probe in updated:
         assert probe["wrong"], probe["id"]
         assert all(norm(w) in before for w in probe["wrong"]), probe["id"]
-        assert not any(norm(a) in before for a in probe["answers"]), probe["id"]
+        if probe["mode"] == "completion":  # no text before the news gives the ship its new maker
+            ship, answer = norm(ship_of(probe)), norm(probe["answers"][0])
+            assert not any(ship in text and answer in text for text in before.split("\n")), probe["id"]
         # The page that brings the new value says in so many words that the old one is gone.
         page = next(text for text in news.values() if norm(probe["answers"][0]) in text)
         assert re.search(r"no longer [a-z ]*" + re.escape(norm(probe["wrong"][0])), page), probe["id"]

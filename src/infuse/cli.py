@@ -20,7 +20,9 @@ err_console = Console(stderr=True)
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from infuse.tokenizer import train_tokenizer
 
-    tokenizer = train_tokenizer(args.corpus, args.vocab_size, args.output, text_field=args.text_field)
+    tokenizer = train_tokenizer(
+        args.corpus, args.vocab_size, args.output, text_field=args.text_field, max_token_length=args.max_token_length
+    )
     console.print(f"Saved a {len(tokenizer)}-entry byte-level BPE tokenizer to [bold]{args.output}[/bold].")
 
 
@@ -177,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_tok.add_argument("--vocab-size", type=int, required=True)
     train_tok.add_argument("--output", required=True, help="tokenizer directory to write")
     train_tok.add_argument("--text-field", default="text")
+    train_tok.add_argument("--max-token-length", type=int, help="longest merged token, in characters")
     train_tok.set_defaults(func=cmd_tokenizer_train)
 
     ing = commands.add_parser("ingest", help="web pages and documents → documents.jsonl")

@@ -289,4 +289,9 @@ def _validate(config: TrainConfig) -> list[str]:
         errors.append(f"quantization_bit: qlora supports 4 or 8, got {config.quantization_bit!r}.")
     if config.replay_ratio and not config.replay_dataset:
         errors.append("replay_ratio is set but replay_dataset is empty.")
+    persistent = config.training.get("dataloader_persistent_workers") and config.training.get("dataloader_num_workers")
+    if config.replay_dataset and persistent:
+        # Workers keep their own copy of the dataset: they would replay the first epoch's blocks every epoch.
+        errors.append("dataloader_persistent_workers: cannot be used with replay_dataset, whose blocks change "
+                      "each epoch; set it to false or dataloader_num_workers to 0.")
     return errors

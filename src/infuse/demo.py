@@ -59,8 +59,9 @@ class DemoSettings:
     of infusion, against forgetting: the pages are few, so most of each epoch rehearses."""
     replay_skip_subjects: bool = True
     """Leave out replay documents about what the pages change, so replay does not restate stale facts."""
-    max_new_tokens: int = 24
-    """Answers in the demo worlds are one sentence; the seed's 200 would only add time."""
+    max_new_tokens: int = 48
+    """Answers in the demo worlds are one sentence (up to about 30 tokens with names the tokenizer
+    splits); the seed's 200 would only add time."""
 
 
 # Fewer, faster steps for CI: a higher infusion learning rate makes up for the fewer epochs.

@@ -43,8 +43,12 @@ def train_tokenizer(
     output: str | Path,
     min_frequency: int = 2,
     text_field: str = "text",
+    max_token_length: int | None = None,
 ) -> PreTrainedTokenizerFast:
     """Train byte-level BPE on ``corpus`` files and save a reloadable tokenizer dir at ``output``.
+
+    ``max_token_length`` caps the characters of a merged token, so names are spelled from pieces,
+    as a large tokenizer spells the rare names a small corpus makes frequent.
 
     The saved tokenizer has bos/eos/unk/pad set (pad distinct from eos, so padding can be masked
     by id without masking real end-of-text tokens) and a ChatML chat template.
@@ -67,6 +71,7 @@ def train_tokenizer(
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
+        max_token_length=max_token_length,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
 
