@@ -7,6 +7,8 @@ import json
 import pytest
 
 from infuse.cli import main
+from infuse.demo import generated_world
+from infuse.errors import InfuseError
 
 MODELS = ("base", "base+infused", "chat", "chat+infused")
 
@@ -66,3 +68,12 @@ def test_a_rerun_reuses_every_finished_stage(demo, capsys):
     printed = capsys.readouterr().out
     assert printed.count("reusing it") >= 5  # base, chat, pages, and both infusions
     assert "step " not in printed  # nothing trained again
+
+
+def test_a_generated_world_is_reused_only_with_the_options_it_was_made_with(tmp_path):
+    world = generated_world(tmp_path / "world", seed=0, families=8, vocabulary="birds")
+    probes = (world / "probes.jsonl").read_text()
+    assert generated_world(tmp_path / "world", seed=0, families=8, vocabulary="birds") == world
+    assert (world / "probes.jsonl").read_text() == probes
+    with pytest.raises(InfuseError, match="seed 0, 8 families and vocabulary birds, not the one asked for"):
+        generated_world(tmp_path / "world", seed=0, families=9, vocabulary="birds")

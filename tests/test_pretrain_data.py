@@ -359,4 +359,3 @@ def test_sentence_shuffled_copies_hold_the_same_sentences_in_new_orders(tokenize
                                               sentence_shuffles=2)
     assert more_stats.documents == 3 and more_stats.shuffled_copies == 2
     assert more_stats.fingerprint != plain_stats.fingerprint
-

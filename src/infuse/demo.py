@@ -154,11 +154,11 @@ def generated_world(target: Path, seed: int, families: int, vocabulary: str) -> 
     if not meta.is_file():
         return write_world(generate_world(seed, families=families, vocabulary=vocabulary), target)
     found = json.loads(meta.read_text())
-    if (found.get("seed"), found.get("vocabulary"), len(found.get("old", []))) != (seed, vocabulary, families):
+    made = (found.get("seed"), len(found.get("old", [])), found.get("vocabulary"))
+    if made != (seed, families, vocabulary):
         raise InfuseError(
-            f"{target} holds a world generated with seed {found.get('seed')}, {len(found.get('old', []))} "
-            f"families and vocabulary {found.get('vocabulary')}, not the one asked for. Give the demo another "
-            "--output folder, or delete this one."
+            f"{target} holds a world generated with seed {made[0]}, {made[1]} families and vocabulary "
+            f"{made[2]}, not the one asked for. Give the demo another --output folder, or delete this one."
         )
     return target
 

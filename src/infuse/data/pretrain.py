@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from datasets import Dataset, Features, List, Value, load_from_disk
 from rich.console import Console
@@ -542,7 +543,5 @@ def max_token_id(dataset: Dataset | ReplayMix) -> int:
     """The largest token id in a block dataset, read from its arrow column without a Python loop."""
     if isinstance(dataset, ReplayMix):
         return max(max_token_id(dataset.dataset), max_token_id(dataset.replay))
-    import pyarrow.compute as pc
-
     column = dataset.data.table.column("input_ids")
     return int(pc.max(pc.list_flatten(column)).as_py() or 0)
