@@ -5,8 +5,9 @@ Every side starts from the same randomly initialised Llama (hidden 256, 4 layers
 compute, not Python, dominates a step), the same tokenizer (byte-level BPE trained here) and the
 same conversations (the first 160 rows of alpaca_en_demo; the last 100 held out), rendered with the
 same ChatML template, and trains one epoch over them at the same batch size, learning rate,
-optimizer and seed, in fp32. One epoch, so every side sees exactly the same samples (a few steps of
-group_by_length would see only the longest ones: it puts them first).
+optimizer and seed, in fp32 (``--bf16``: all in bf16 mixed precision). One epoch, so every side
+sees exactly the same samples (a few steps of group_by_length would see only the longest ones: it
+puts them first).
 
 A third side runs the seed's method on a plain transformers ``Trainer`` (padded, length-grouped
 batches of the same texts, loss on all of them): what SFTTrainer was when the seed was written,
@@ -39,9 +40,13 @@ every side). Loss: the last logged training loss of each side (each on its own o
 loss of each final model on the held-out conversations, on assistant tokens and on all tokens.
 
     .venv/bin/python benchmarks/sft.py [--samples 160] [--batch-size 4] [--threads 1] [--repeats 2]
-                                       [--loss-seeds 1 2 3]
+                                       [--loss-seeds 1 2 3] [--device cpu|cuda] [--bf16]
+                                       [--hidden-size 256] [--layers 4] [--name sft]
 
-Prints one JSON line and writes it to results/sft.json.
+On a GPU (the default where one is found) a step of the 256-wide model is bound by kernel launches,
+not arithmetic; ``--hidden-size`` and ``--layers`` make it big enough to be bound by arithmetic.
+
+Prints one JSON line and writes it to results/NAME.json.
 """
 
 from __future__ import annotations
@@ -103,13 +108,20 @@ class CountingCollator:
                 "real_tokens_per_s": round(self.real / seconds, 1)}
 
 
-def prepare(workdir: Path, samples: int, seed: int) -> tuple[Path, Path, list, list]:
+def model_shape(hidden_size: int, layers: int) -> dict:
+    """MODEL at another width and depth (heads of 64 dimensions, MLP four times as wide)."""
+    return {**MODEL, "hidden_size": hidden_size, "intermediate_size": 4 * hidden_size,
+            "num_hidden_layers": layers, "num_attention_heads": hidden_size // 64,
+            "num_key_value_heads": hidden_size // 64}
+
+
+def prepare(workdir: Path, samples: int, seed: int, shape: dict) -> tuple[Path, Path, list, list]:
     """Tokenizer (with the ChatML template), a model dir both sides start from, the train and
     held-out conversations, and the train rows written as a file for infuse."""
     tokenizer = train_tokenizer([DATA / "wiki_demo.txt", DATA / "c4_demo.jsonl"], 8000, workdir / "tokenizer")
     apply_template(tokenizer, "chatml")
     model_dir = workdir / "model"
-    random_model(model_dir, MODEL, tokenizer, seed)
+    random_model(model_dir, shape, tokenizer, seed)
     rows = json.loads((DATA / "alpaca_en_demo.json").read_text())
     train_file = workdir / "train.json"
     train_file.write_text(json.dumps(rows[:samples]))
@@ -123,7 +135,8 @@ def training_keys(args, output_dir: Path) -> dict:
             "per_device_train_batch_size": args.batch_size, "learning_rate": args.lr,
             "lr_scheduler_type": "constant", "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0,
             "optim": "adamw_torch", "logging_steps": 5, "logging_first_step": True, "report_to": "none",
-            "seed": args.seed, "dataloader_num_workers": 0, "disable_tqdm": True}
+            "seed": args.seed, "dataloader_num_workers": 0, "disable_tqdm": True,
+            "use_cpu": args.device == "cpu", "bf16": args.bf16}
 
 
 def run_infuse(args, model_dir: Path, train_file: Path, output_dir: Path,
@@ -169,7 +182,7 @@ def run_seed(args, model_dir: Path, train, tokenizer, template: str, output_dir:
     sft_config = SFTConfig(
         **training_keys(args, output_dir), save_strategy="no", max_length=args.cutoff_len, packing=False,
         train_sampling_strategy="group_by_length", dataset_text_field="text", eos_token="<|im_end|>",
-        gradient_checkpointing=False, bf16=False, use_cpu=True,
+        gradient_checkpointing=False,
     )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     texts = Dataset.from_dict({"text": seed_texts(train, tokenizer, template)})
@@ -187,7 +200,7 @@ def run_plain_seed(args, model_dir: Path, train, tokenizer, template: str, outpu
 
     ids = [tokenizer(text, add_special_tokens=False, truncation=True, max_length=args.cutoff_len)["input_ids"]
            for text in seed_texts(train, tokenizer, template)]
-    arguments = TrainingArguments(**training_keys(args, output_dir), save_strategy="no", use_cpu=True,
+    arguments = TrainingArguments(**training_keys(args, output_dir), save_strategy="no",
                                   train_sampling_strategy="group_by_length")
     counter = CountingCollator(DataCollatorForLanguageModeling(tokenizer, mlm=False),
                                answer_counter(train, tokenizer, template))
@@ -221,6 +234,7 @@ def held_out_losses(model, tokenizer, held_out, template: str, cutoff_len: int) 
     model.eval()
     for start in range(0, len(dataset), 8):
         batch = collate([dataset[i] for i in range(start, min(start + 8, len(dataset)))])
+        batch = {key: value.to(model.device) for key, value in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         everything = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
         for name, labels in (("assistant", batch["labels"]), ("all_tokens", everything)):
@@ -252,6 +266,10 @@ def ratios(ours: dict, other: dict) -> dict:
     return {**speeds, "held_out_assistant_loss": round(loss, 3)}
 
 
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
+
+
 SIDES = ("infuse", "infuse_previous", "seed_trl_sfttrainer", "seed_method_plain_trainer")
 
 
@@ -262,7 +280,7 @@ def run_side(name: str, args, workdir: Path, model_dir: Path, train_file: Path, 
     common = (tokenizer, held_out, template, args.cutoff_len)
     if name.startswith("infuse"):
         manifest, counter = run_infuse(args, model_dir, train_file, output_dir, speedups=name == "infuse")
-        trained = AutoModelForCausalLM.from_pretrained(output_dir, dtype=torch.float32)
+        trained = AutoModelForCausalLM.from_pretrained(output_dir, dtype=torch.float32).to(args.device)
         result = summary(counter, manifest["metrics"], manifest["log_history"], trained, *common)
         return {**result, "steps": manifest["log_history"][-1]["step"],
                 "speedups": manifest["data"]["train"]["speedups"]}
@@ -308,13 +326,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="rounds of all sides, order reversed each round")
     parser.add_argument("--loss-seeds", type=int, nargs="*", default=[1, 2, 3],
                         help="more training seeds for the held-out loss comparison (infuse and TRL only)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision on every side (else fp32)")
+    parser.add_argument("--hidden-size", type=int, default=MODEL["hidden_size"])
+    parser.add_argument("--layers", type=int, default=MODEL["num_hidden_layers"])
+    parser.add_argument("--name", default="sft", help="the result goes to results/NAME.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    shape = model_shape(args.hidden_size, args.layers)
 
     rounds = []
     with tempfile.TemporaryDirectory(prefix="infuse-sft-bench-") as tmp:
         workdir = Path(tmp)
-        model_dir, train_file, train, held_out = prepare(workdir, args.samples, args.seed)
+        model_dir, train_file, train, held_out = prepare(workdir, args.samples, args.seed, shape)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         template = tokenizer.chat_template
         for index in range(args.repeats):
@@ -331,13 +355,14 @@ def main() -> None:
                  for key in ("ratios_vs_trl", "ratios_vs_plain_trainer", "ratios_vs_infuse_previous")}
     result = {
         "benchmark": "sft", "samples": len(train), "epochs": 1, "batch_size": args.batch_size, "lr": args.lr,
-        "threads": args.threads, "cpu_count": os.cpu_count(), "model": MODEL,
+        "threads": args.threads, "cpu_count": os.cpu_count(), "device": device_name(args.device),
+        "bf16": args.bf16, "model": shape,
         "data": f"alpaca_en_demo.json: first {len(train)} rows trained, last {len(held_out)} held out",
         "ratios_by_round": per_round,
         "held_out_loss_by_seed": compare_losses([args.seed, *args.loss_seeds], losses),
         "rounds": rounds,
     }
-    save_result("sft", result)
+    save_result(args.name, result)
 
 
 if __name__ == "__main__":
