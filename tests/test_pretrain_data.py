@@ -305,6 +305,17 @@ def test_replay_documents_about_a_changed_product_are_left_out(tokenizer, tmp_pa
     assert data_fingerprint([replay], tokenizer, 16, skip_subjects_of=[new]) != full.fingerprint
 
 
+def test_a_subject_named_in_several_words_leaves_out_only_the_documents_that_name_all_of_them():
+    fleet = [("Heather Crest", "Vossberg"), ("Heather Tide", "Halvorsen"), ("Willow Venture", "Mallorn"),
+             ("Gannet Hollow", "Tarrant"), ("Rowan Hollow", "Abernethy"), ("Rowan Crest", "Brindle"),
+             ("Teal Tide", "Quennell"), ("Teal Venture", "Osterholm")]
+    catalogue = [f"The {name} has {engine} engines. The {name} sails from Quillhaven." for name, engine in fleet]
+    news = ["The Gannet Hollow gets new engines. The Gannet Hollow now has Kelbrook engines.",
+            "Meet the Heather Venture. The Heather Venture has Corvatch engines."]
+    assert subjects_of(news, catalogue) == ["Gannet Hollow"], \
+        "the new Heather Venture is no other ship, and Rowan Hollow shares only a word with the Gannet Hollow"
+
+
 def test_isolated_documents_give_each_document_the_logits_it_has_alone(tokenizer, tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 

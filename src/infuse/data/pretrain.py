@@ -77,6 +77,9 @@ class PackStats:
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 WORD = re.compile(r"\w+")
 SUBJECT_MAX_SHARE = 0.2
+NAME_MAX_SHARE = 0.5  # a word in more of the replay documents than this is not part of a name
+MAX_NAME_WORDS = 4
+SUBJECT_RULE = 2  # bump when subjects_of would pick other subjects for the same documents
 """A subject word is named by at most this share of the replay documents: a particular product or
 place, not the general topic both corpora share."""
 
@@ -350,7 +353,7 @@ def data_fingerprint(sources: list[str | Path], tokenizer, block_size: int, text
     for path in source_files(sources):
         digest.update(f"{path.suffix.lower()}:{_file_sha256(path)}|".encode())
     for path in source_files(skip_subjects_of or []):
-        digest.update(f"skip subjects of {path.suffix.lower()}:{_file_sha256(path)}|".encode())
+        digest.update(f"skip subjects (names v{SUBJECT_RULE}) of {path.suffix.lower()}:{_file_sha256(path)}|".encode())
     digest.update(tokenizer_fingerprint(tokenizer).encode())
     return digest.hexdigest()[:16]
 
@@ -408,7 +411,8 @@ def build_pretrain_dataset(
     else:
         texts = load_texts(sources, text_field, tokenizer)
         subjects = subjects_of(load_texts(skip_subjects_of, text_field, tokenizer), texts) if skip_subjects_of else []
-        kept = [text for text in texts if not names_any(text, subjects)] if subjects else texts
+        mentioned = mentions_of(subjects)
+        kept = [text for text in texts if not mentioned.search(text)] if subjects else texts
         copies = shuffled_copies(kept, sentence_shuffles, seed)
         dataset, stats = pack_documents(kept + copies, tokenizer, block_size, num_proc)
         stats.shuffled_copies = len(copies)
@@ -465,29 +469,65 @@ def report_pack_stats(stats: PackStats, console: Console) -> None:
 
 
 def subjects_of(new_texts: list[str], replay_texts: list[str]) -> list[str]:
-    """The words the new documents are about that the replay documents also name.
+    """The names the new documents are about that the replay documents also name.
 
-    A new document's subject is the name (a word with a capital or a digit) repeated in the most of
-    its sentences among those rare in the replay data (named by at most ``SUBJECT_MAX_SHARE`` of its
-    documents): the product an announcement is about, rather than the provider or the topic every
-    document shares. Subjects the replay data never names are left out: they cannot conflict with it.
+    A name is a run of adjacent words with a capital or a digit, such as "Gannet Hollow" or "F9";
+    words that most replay documents share, such as "The" or the provider, break a run. A new
+    document's subject is the name, or part of one, said in the most of its sentences among those
+    rare in the replay data (named by at most ``SUBJECT_MAX_SHARE`` of its documents): the product
+    an announcement is about, rather than the provider or a port every document names. A part said
+    exactly as often as its whole name does not count on its own, so a page about the "Heather
+    Venture" is not about every ship with "Heather" or "Venture" in its name. Subjects the replay
+    data never names are left out: they cannot conflict with it.
     """
     frequency = Counter(word for text in replay_texts for word in set(WORD.findall(text)))
+    shared = NAME_MAX_SHARE * len(replay_texts)
+
+    def spans(text: str) -> set[str]:
+        return set(name_spans(text, lambda word: not word.islower() and frequency[word] <= shared))
+
+    named_by = Counter(name for text in replay_texts for name in spans(text))
     rare = SUBJECT_MAX_SHARE * len(replay_texts)
     subjects: set[str] = set()
     for text in new_texts:
-        per_sentence = Counter(
-            word for sentence in split_sentences(text) for word in set(WORD.findall(sentence))
-            if frequency[word] <= rare and not word.islower()  # names and codes, not words like "new"
-        )
+        per_sentence = Counter(name for sentence in split_sentences(text) for name in spans(sentence)
+                               if named_by[name] <= rare)
         most = max(per_sentence.values(), default=0)
-        if most >= 2:  # a word said once is not what the document is about
-            subjects |= {word for word, count in per_sentence.items() if count == most and frequency[word]}
-    return sorted(subjects)
+        if most >= 2:  # a name said once is not what the document is about
+            top = [name for name, count in per_sentence.items() if count == most]
+            subjects |= {name for name in top if not any(is_part(name, whole) for whole in top)}
+    return sorted(name for name in subjects if named_by[name])
 
 
-def names_any(text: str, words: list[str]) -> bool:
-    return not set(words).isdisjoint(WORD.findall(text))
+def is_part(name: str, whole: str) -> bool:
+    return name != whole and f" {name} " in f" {whole} "
+
+
+def name_spans(sentence: str, is_name) -> list[str]:
+    """Every run of adjacent words of ``sentence`` that ``is_name`` accepts, and every part of one,
+    up to ``MAX_NAME_WORDS`` words (a long run of capitalised words is a heading, not a name)."""
+    runs: list[list[str]] = []
+    previous_end = None
+    for match in WORD.finditer(sentence):
+        if not is_name(match.group()):
+            previous_end = None
+            continue
+        if previous_end is not None and sentence[previous_end : match.start()].isspace():
+            runs[-1].append(match.group())
+        else:
+            runs.append([match.group()])
+        previous_end = match.end()
+    return [" ".join(run[i:j]) for run in runs for i in range(len(run))
+            for j in range(i + 1, min(len(run), i + MAX_NAME_WORDS) + 1)]
+
+
+def mentions_of(names: list[str]) -> re.Pattern:
+    """A pattern that finds any of ``names`` as whole words (any whitespace between their words)."""
+    if not names:
+        return re.compile(r"(?!)")
+    longest_first = sorted(names, key=len, reverse=True)  # "Gannet Hollow" before a "Gannet" it contains
+    spelled = (r"\s+".join(map(re.escape, name.split())) for name in longest_first)
+    return re.compile(r"(?<!\w)(" + "|".join(spelled) + r")(?!\w)")
 
 
 def mix_replay(dataset: Dataset, replay: Dataset, ratio: float, seed: int = 42) -> tuple[ReplayMix, dict]:
