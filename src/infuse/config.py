@@ -100,9 +100,10 @@ class TrainConfig:
         "pt: share of each epoch's training blocks drawn from replay_dataset (0.2 = one in five); the replay "
         "blocks are drawn afresh every epoch.", 0.0)
     replay_skip_subjects: bool = _help(
-        "pt: leave out replay documents that name a subject of the new documents (the rare word repeated "
-        "most through a new document, such as a product name), so replay does not restate the facts the "
-        "new documents change. The words and the documents left out are reported.", False)
+        "pt: leave out replay documents that name a subject of the new documents (the rare name, of one or "
+        "more capitalised words, repeated most through a new document, such as a product name), so replay "
+        "does not restate the facts the new documents change. The names and the documents left out are "
+        "reported.", False)
     cache_dir: str | None = _help("Where tokenized data is cached; default ~/.cache/infuse.")
     preprocessing_num_workers: int | None = _help("Processes for tokenization (datasets num_proc).")
     overwrite_output_dir: bool = _help("Start afresh even if output_dir holds a run of other settings.", False)
