@@ -25,6 +25,7 @@ from infuse.data.pretrain import (
     build_pretrain_dataset,
     data_fingerprint,
     load_texts,
+    mentions_of,
     mix_replay,
     pack_documents,
     subjects_of,
@@ -312,8 +313,10 @@ def test_a_subject_named_in_several_words_leaves_out_only_the_documents_that_nam
     catalogue = [f"The {name} has {engine} engines. The {name} sails from Quillhaven." for name, engine in fleet]
     news = ["The Gannet Hollow gets new engines. The Gannet Hollow now has Kelbrook engines.",
             "Meet the Heather Venture. The Heather Venture has Corvatch engines."]
-    assert subjects_of(news, catalogue) == ["Gannet Hollow"], \
-        "the new Heather Venture is no other ship, and Rowan Hollow shares only a word with the Gannet Hollow"
+    subjects = subjects_of(news, catalogue)
+    assert subjects == ["Gannet Hollow"], "the new Heather Venture is no other ship in the catalogue"
+    left_out = [name for (name, _), text in zip(fleet, catalogue, strict=True) if mentions_of(subjects).search(text)]
+    assert left_out == ["Gannet Hollow"], "Rowan Hollow shares only a word with the Gannet Hollow"
 
 
 def test_isolated_documents_give_each_document_the_logits_it_has_alone(tokenizer, tiny_llama_dir):

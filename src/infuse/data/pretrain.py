@@ -77,11 +77,11 @@ class PackStats:
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 WORD = re.compile(r"\w+")
 SUBJECT_MAX_SHARE = 0.2
+"""A subject is named by at most this share of the replay documents: a particular product or
+place, not the general topic both corpora share."""
 NAME_MAX_SHARE = 0.5  # a word in more of the replay documents than this is not part of a name
 MAX_NAME_WORDS = 4
 SUBJECT_RULE = 2  # bump when subjects_of would pick other subjects for the same documents
-"""A subject word is named by at most this share of the replay documents: a particular product or
-place, not the general topic both corpora share."""
 
 
 # --- sources → texts ------------------------------------------------------------------------------
