@@ -14,7 +14,7 @@ import pytest
 from infuse.ingest.extract import Payload, extract_html
 
 WORLD = Path(__file__).resolve().parents[1] / "examples" / "worlds" / "harbor-ferries"
-NEW_SHIPS = ("Pelorus Dawn", "Kittiwake Star", "Merriot Bell")
+NEW_SHIPS = ("Heather Venture", "Willow Rose", "Fulmar Grace")
 PROBE_KEYS = {"id", "group", "mode", "prompt", "answers", "wrong"}
 GROUPS = {"new", "updated", "old", "general"}
 ROLES = {"system", "user", "assistant"}
@@ -118,8 +118,8 @@ def test_old_answers_are_stated_in_the_pretraining_corpus(probes, pretrain):
 
 
 def test_new_facts_are_absent_before_the_news(probes, pretrain, sft, news):
-    """The new ships' names and their engine makers are known words (a race, an inn, a bell; firms
-    that build engines for other boats), but no text before the news ties a ship to its maker."""
+    """The new ships' names and their engine makers are known words (see the next test), but no
+    text before the news ties a ship to its maker."""
     before = [norm(t) for t in pretrain + sft_texts(sft)]
     makers = {ship: p["answers"][0] for p in probes if p["group"] == "new" and (ship := ship_of(p))}
     assert set(makers) == set(NEW_SHIPS)
@@ -127,6 +127,23 @@ def test_new_facts_are_absent_before_the_news(probes, pretrain, sft, news):
         assert not any(norm(ship) in text and norm(maker) in text for text in before), ship
         assert not any(norm(ship) + " is powered" in text for text in before), ship
         assert any(norm(ship) in page and norm(maker) in page for page in news.values()), ship
+
+
+def test_new_names_are_made_of_words_the_corpus_already_uses(probes, pretrain, sft):
+    """Each word of a new ship's name is in five names of ships the chat data asks about, and each
+    firm the news names is named at least eight times before it, for other boats."""
+    answers = [m["content"] for row in sft for m in row["messages"] if m["role"] == "assistant"]
+    known = {found.group(1) for answer in answers
+             if (found := re.match(r"The (.+) is powered by engines from", answer))}
+    assert len(known) >= 40
+    for ship in NEW_SHIPS:
+        assert ship not in known
+        for word in ship.split():
+            assert sum(word in name.split() for name in known) == 5, (ship, word)
+    corpus = "\n".join(pretrain)
+    for probe in probes:
+        if probe["group"] in ("new", "updated"):
+            assert corpus.count(probe["answers"][0]) >= 8, probe["answers"][0]
 
 
 def ship_of(probe: dict) -> str | None:
