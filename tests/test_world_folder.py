@@ -18,6 +18,7 @@ NEW_SHIPS = ("Heather Venture", "Willow Rose", "Fulmar Grace")
 PROBE_KEYS = {"id", "group", "mode", "prompt", "answers", "wrong"}
 GROUPS = {"new", "updated", "old", "general"}
 ROLES = {"system", "user", "assistant"}
+POWERED = re.compile(r"The (.+) is powered by engines from")
 
 
 def norm(text: str) -> str:
@@ -121,7 +122,7 @@ def test_new_facts_are_absent_before_the_news(probes, pretrain, sft, news):
     """The new ships' names and their engine makers are known words (see the next test), but no
     text before the news ties a ship to its maker."""
     before = [norm(t) for t in pretrain + sft_texts(sft)]
-    makers = {ship: p["answers"][0] for p in probes if p["group"] == "new" and (ship := ship_of(p))}
+    makers = {ship: p["answers"][0] for p in probes if p["group"] == "new" and (ship := ship_in(p["prompt"]))}
     assert set(makers) == set(NEW_SHIPS)
     for ship, maker in makers.items():
         assert not any(norm(ship) in text and norm(maker) in text for text in before), ship
@@ -133,8 +134,7 @@ def test_new_names_are_made_of_words_the_corpus_already_uses(probes, pretrain, s
     """Each word of a new ship's name is in five names of ships the chat data asks about, and each
     firm the news names is named at least eight times before it, for other boats."""
     answers = [m["content"] for row in sft for m in row["messages"] if m["role"] == "assistant"]
-    known = {found.group(1) for answer in answers
-             if (found := re.match(r"The (.+) is powered by engines from", answer))}
+    known = {ship for answer in answers if (ship := ship_in(answer))}
     assert len(known) >= 40
     for ship in NEW_SHIPS:
         assert ship not in known
@@ -146,8 +146,9 @@ def test_new_names_are_made_of_words_the_corpus_already_uses(probes, pretrain, s
             assert corpus.count(probe["answers"][0]) >= 8, probe["answers"][0]
 
 
-def ship_of(probe: dict) -> str | None:
-    found = re.match(r"The (.+) is powered by engines from", probe["prompt"])
+def ship_in(sentence: str) -> str | None:
+    """The ship a sentence such as "The Curlew Tide is powered by engines from …" is about."""
+    found = POWERED.match(sentence)
     return found and found.group(1)
 
 
@@ -158,7 +159,7 @@ def test_updated_probes_replace_a_stale_value_the_corpus_teaches(probes, pretrai
         assert probe["wrong"], probe["id"]
         assert all(norm(w) in before for w in probe["wrong"]), probe["id"]
         if probe["mode"] == "completion":  # no text before the news gives the ship its new maker
-            ship, answer = norm(ship_of(probe)), norm(probe["answers"][0])
+            ship, answer = norm(ship_in(probe["prompt"])), norm(probe["answers"][0])
             assert not any(ship in text and answer in text for text in before.split("\n")), probe["id"]
         # The page that brings the new value says in so many words that the old one is gone.
         page = next(text for text in news.values() if norm(probe["answers"][0]) in text)

@@ -412,7 +412,7 @@ def build_pretrain_dataset(
         texts = load_texts(sources, text_field, tokenizer)
         subjects = subjects_of(load_texts(skip_subjects_of, text_field, tokenizer), texts) if skip_subjects_of else []
         mentioned = mentions_of(subjects)
-        kept = [text for text in texts if not mentioned.search(text)] if subjects else texts
+        kept = [text for text in texts if not mentioned.search(text)]
         copies = shuffled_copies(kept, sentence_shuffles, seed)
         dataset, stats = pack_documents(kept + copies, tokenizer, block_size, num_proc)
         stats.shuffled_copies = len(copies)
@@ -522,7 +522,8 @@ def name_spans(sentence: str, is_name) -> list[str]:
 
 
 def mentions_of(names: list[str]) -> re.Pattern:
-    """A pattern that finds any of ``names`` as whole words (any whitespace between their words)."""
+    """A pattern that finds any of ``names`` as whole words (any whitespace between their words);
+    with no names, one that finds nothing."""
     if not names:
         return re.compile(r"(?!)")
     longest_first = sorted(names, key=len, reverse=True)  # "Gannet Hollow" before a "Gannet" it contains
