@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from rich.console import Console
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
+from infuse import packing
 from infuse.config import config_from_dict
 from infuse.data.formats import load_conversations
 from infuse.data.sft import IGNORE_INDEX, PackedCollator, PaddedCollator, build_sft_dataset
@@ -200,3 +202,60 @@ def test_an_sft_run_turns_both_on_and_records_it(tiny_llama_dir, tmp_path, share
                                          "output_dir": str(tmp_path / "smoothed")})
     manifest = run(smoothed, Console(file=io.StringIO()))
     assert manifest["data"]["train"]["speedups"] == {"sample_attention": True, "logits_where_trained": False}
+
+
+def flash_varlen_stand_in(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None,
+                          window_size=(-1, -1), enable_gqa=False):
+    """What torch's varlen flash attention computes (it needs a CUDA GPU), from its own layout:
+    (length, heads, head_dim) rows, samples given by cumulative starts, causal by ``window_size``."""
+    assert torch.equal(cu_seq_q, cu_seq_k) and max_q == max_k == int(cu_seq_q.diff().max())
+    assert window_size == (-1, 0)
+    pieces = []
+    for start, end in zip(cu_seq_q[:-1].tolist(), cu_seq_q[1:].tolist(), strict=True):
+        q, k, v = (tensor[start:end].transpose(0, 1) for tensor in (query, key, value))
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=True, enable_gqa=enable_gqa)
+        pieces.append(out.transpose(0, 1))
+    return torch.cat(pieces)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+def test_on_a_gpu_the_row_goes_to_varlen_flash_attention_in_its_layout(architecture, tiny_llama_dir, tokenizer,
+                                                                        features, monkeypatch):
+    def build():
+        return model_from(tiny_llama_dir) if architecture == "llama" else tiny_qwen2(len(tokenizer), None)
+
+    batch = PackedCollator()(features[:6])
+    reference = loss_and_grads(build(), batch)
+    calls = []
+
+    def stand_in(*args, **kwargs):
+        calls.append(kwargs["enable_gqa"])
+        return flash_varlen_stand_in(*args, **kwargs)
+
+    monkeypatch.setattr(packing, "varlen_attn", stand_in)
+    monkeypatch.setattr(packing, "varlen_kernel_fits", lambda query, dropout: True)
+    model = build()
+    use_sample_attention(model)
+    assert_same(reference, loss_and_grads(model, batch))
+    heads = model.config.num_attention_heads // model.config.num_key_value_heads
+    assert calls == [heads > 1] * model.config.num_hidden_layers  # one call per layer for the whole row
+
+
+def test_under_autocast_the_varlen_kernel_gets_the_precision_sdpa_would_use(tiny_llama_dir, features, monkeypatch):
+    batch = PackedCollator()(features[:6])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = model_from(tiny_llama_dir)(**batch).loss.item()
+    dtypes = []
+
+    def stand_in(query, *args, **kwargs):
+        dtypes.append(query.dtype)
+        return flash_varlen_stand_in(query, *args, **kwargs)
+
+    monkeypatch.setattr(packing, "varlen_attn", stand_in)
+    monkeypatch.setattr(packing, "varlen_kernel_fits", lambda query, dropout: True)
+    model = model_from(tiny_llama_dir)
+    use_sample_attention(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch).loss.item()
+    assert set(dtypes) == {torch.bfloat16}  # the rotary embedding hands over float32 queries
+    assert abs(loss - reference) <= 1e-2 * reference

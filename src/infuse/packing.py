@@ -5,8 +5,10 @@ A packed batch is one row holding several samples, each with ``position_ids`` fr
 
 - Attention. transformers' ``sdpa`` keeps the samples apart with a block-diagonal mask over the
   whole row, and the kernel computes every block of it: (n1 + n2 + ...)² instead of n1² + n2² + ...
-  ``sample_attention`` runs sdpa on each sample on its own (causal, no mask), which is the same
-  attention minus the blocks that the mask would zero. It is registered with transformers'
+  ``sample_attention`` computes each sample's causal attention on its own, which is the same
+  attention minus the blocks that the mask would zero: on a GPU in half precision with one flash
+  attention kernel over the whole row (``torch.nn.attention.varlen``), elsewhere with one sdpa call
+  per sample (no mask). It is registered with transformers'
   ``AttentionInterface`` (the documented way to add an attention), with sdpa's mask, so anything
   that is not a packed training row (generation, padded batches, sliding windows) gets sdpa itself.
 - The LM head. With answer-only loss most prompt positions predict nothing, yet the vocabulary
@@ -19,6 +21,7 @@ Neither changes the loss: the same positions, the same targets, the same normali
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -28,6 +31,13 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+try:  # torch 2.9 and later
+    from torch.nn.attention.varlen import varlen_attn
+
+    VARLEN_ARGUMENTS = set(inspect.signature(varlen_attn).parameters)
+except ImportError:
+    varlen_attn, VARLEN_ARGUMENTS = None, set()
+
 SAMPLE_ATTENTION = "sdpa_per_sample"
 # Attention variants sdpa cannot express without a mask: such layers go through sdpa with its mask.
 _NEEDS_MASK = ("sliding_window", "softcap", "s_aux", "position_bias")
@@ -36,15 +46,18 @@ _NEEDS_MASK = ("sliding_window", "softcap", "s_aux", "position_bias")
 def sample_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      **kwargs) -> tuple[torch.Tensor, None]:
-    """Causal sdpa over each sample of a packed row (``cu_seq_lens_q`` gives where they start), or
-    plain sdpa with ``attention_mask`` for anything else. Shapes as in transformers: ``query`` is
-    (batch, heads, length, head_dim); the output is (batch, length, heads, head_dim)."""
-    lengths = packed_lengths(module, query, key, kwargs)
-    if lengths is None:
+    """Causal attention within each sample of a packed row (``cu_seq_lens_q`` gives where they
+    start), or plain sdpa with ``attention_mask`` for anything else. Shapes as in transformers:
+    ``query`` is (batch, heads, length, head_dim); the output is (batch, length, heads, head_dim)."""
+    starts = packed_starts(module, query, key, kwargs)
+    if starts is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
+    if varlen_kernel_fits(query, dropout):
+        return varlen_rows(query, key, value, starts, kwargs.get("max_length_q"), scaling, groups), None
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    lengths = host_lengths(starts)
     # split/cat rather than slicing: their backward passes cost the row once, not once per sample.
     pieces = [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True)
               for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2),
@@ -52,10 +65,10 @@ def sample_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
 
 
-def packed_lengths(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, kwargs: dict
-                   ) -> list[int] | None:
-    """The sample lengths of a packed causal training row, or None where per-sample attention would
-    not be exactly what sdpa with the mask computes."""
+def packed_starts(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, kwargs: dict
+                  ) -> torch.Tensor | None:
+    """Where the samples of a packed causal training row start (and where it ends), or None where
+    per-sample attention would not be exactly what sdpa with the mask computes."""
     starts = kwargs.get("cu_seq_lens_q")
     if starts is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         return None
@@ -63,8 +76,57 @@ def packed_lengths(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
         return None
     if not kwargs.get("is_causal", getattr(module, "is_causal", True)):
         return None
-    lengths = starts.diff().tolist()
-    return lengths if sum(lengths) == query.shape[2] else None
+    return starts if sum(host_lengths(starts)) == query.shape[2] else None
+
+
+_last_lengths: tuple[torch.Tensor | None, list[int]] = (None, [])
+
+
+def host_lengths(starts: torch.Tensor) -> list[int]:
+    """The sample lengths as Python ints. Every layer of a forward pass gets the same ``starts``
+    tensor; reading it once per pass, not once per layer, keeps a GPU from waiting at each layer."""
+    global _last_lengths
+    if _last_lengths[0] is not starts:
+        _last_lengths = (starts, starts.diff().tolist())
+    return _last_lengths[1]
+
+
+def varlen_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, starts: torch.Tensor,
+                longest: int | None, scaling: float | None, groups: int) -> torch.Tensor:
+    """Causal flash attention over every sample of the row in one kernel, in and out in
+    transformers' layouts. Newer torch versions take ``window_size`` for causality and group
+    key/value heads themselves; older ones take ``is_causal``, and the keys and values are repeated."""
+    longest = longest or max(host_lengths(starts))
+    options = {"scale": scaling}
+    options.update({"window_size": (-1, 0)} if "window_size" in VARLEN_ARGUMENTS else {"is_causal": True})
+    if "enable_gqa" in VARLEN_ARGUMENTS:
+        options["enable_gqa"] = groups > 1
+    else:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    # (length, heads, head_dim) rows, in the precision sdpa would use under autocast
+    rows = [tensor[0].transpose(0, 1).to(attention_dtype(query)) for tensor in (query, key, value)]
+    return varlen_attn(*rows, starts, starts, longest, longest, **options).unsqueeze(0)
+
+
+def varlen_kernel_fits(query: torch.Tensor, dropout: float) -> bool:
+    """Whether torch's flash attention over variable-length samples can run this layer: a CUDA
+    device of compute capability 8.0 or newer, half precision, head size up to 256, no dropout
+    (the kernel has none)."""
+    causal = VARLEN_ARGUMENTS & {"window_size", "is_causal"}
+    return (bool(causal) and query.is_cuda and attention_dtype(query) in (torch.float16, torch.bfloat16)
+            and query.shape[-1] <= 256 and not dropout and flash_capable(query.device.index))
+
+
+def attention_dtype(query: torch.Tensor) -> torch.dtype:
+    """The precision attention runs in. Under autocast (``bf16``/``fp16`` training) the rotary
+    embedding leaves the queries in float32, and sdpa casts them to autocast's type."""
+    device = query.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+
+
+@functools.cache
+def flash_capable(device_index: int | None) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)
 
 
 def use_sample_attention(model) -> bool:

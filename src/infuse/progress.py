@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import time
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import TrainerCallback
 
 
 class RichProgress(TrainerCallback):
-    """Replaces the Trainer's tqdm bar; logged metrics are shown on the bar and printed as lines."""
+    """Replaces the Trainer's tqdm bar; logged metrics are shown on the bar and printed as lines.
+
+    The bar is redrawn from the training loop, at most every ``REDRAW_SECONDS``, not by rich's
+    refresh thread: on a GPU the loop is Python launching kernels, and a thread drawing ten times a
+    second would compete with it for the interpreter lock."""
+
+    REDRAW_SECONDS = 0.25
 
     def __init__(self, console: Console | None = None):
         self.console = console or Console()
         self.progress: Progress | None = None
         self.task = None
+        self.drawn_at = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
@@ -27,6 +36,7 @@ class RichProgress(TrainerCallback):
             TimeRemainingColumn(),
             console=self.console,
             transient=False,
+            auto_refresh=False,
         )
         self.progress.start()
         self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, metrics="")
@@ -34,6 +44,12 @@ class RichProgress(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.progress is not None:
             self.progress.update(self.task, completed=state.global_step)
+            if time.monotonic() - self.drawn_at >= self.REDRAW_SECONDS:
+                self.redraw()
+
+    def redraw(self):
+        self.progress.refresh()
+        self.drawn_at = time.monotonic()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.progress is None or not logs:
@@ -41,6 +57,7 @@ class RichProgress(TrainerCallback):
         shown = {k: v for k, v in logs.items() if k in ("loss", "learning_rate", "grad_norm", "train_loss")}
         text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
         self.progress.update(self.task, metrics=text)
+        self.redraw()
         if "loss" in logs:
             self.progress.console.print(f"step {state.global_step:>6}  {text}", highlight=False)
 
