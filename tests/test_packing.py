@@ -218,44 +218,43 @@ def flash_varlen_stand_in(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *
     return torch.cat(pieces)
 
 
+@pytest.fixture
+def varlen_calls(monkeypatch) -> list[dict]:
+    """Sends packed rows to ``flash_varlen_stand_in`` as if on a GPU; records each call's query
+    dtype and ``enable_gqa``."""
+    calls = []
+
+    def stand_in(query, *args, **kwargs):
+        calls.append({"dtype": query.dtype, "enable_gqa": kwargs["enable_gqa"]})
+        return flash_varlen_stand_in(query, *args, **kwargs)
+
+    monkeypatch.setattr(packing, "varlen_attn", stand_in)
+    monkeypatch.setattr(packing, "varlen_kernel_fits", lambda query, dropout: True)
+    return calls
+
+
 @pytest.mark.parametrize("architecture", ["llama", "qwen2"])
 def test_on_a_gpu_the_row_goes_to_varlen_flash_attention_in_its_layout(architecture, tiny_llama_dir, tokenizer,
-                                                                        features, monkeypatch):
+                                                                        features, varlen_calls):
     def build():
         return model_from(tiny_llama_dir) if architecture == "llama" else tiny_qwen2(len(tokenizer), None)
 
     batch = PackedCollator()(features[:6])
     reference = loss_and_grads(build(), batch)
-    calls = []
-
-    def stand_in(*args, **kwargs):
-        calls.append(kwargs["enable_gqa"])
-        return flash_varlen_stand_in(*args, **kwargs)
-
-    monkeypatch.setattr(packing, "varlen_attn", stand_in)
-    monkeypatch.setattr(packing, "varlen_kernel_fits", lambda query, dropout: True)
     model = build()
     use_sample_attention(model)
     assert_same(reference, loss_and_grads(model, batch))
     heads = model.config.num_attention_heads // model.config.num_key_value_heads
-    assert calls == [heads > 1] * model.config.num_hidden_layers  # one call per layer for the whole row
+    # one call per layer for the whole row
+    assert [call["enable_gqa"] for call in varlen_calls] == [heads > 1] * model.config.num_hidden_layers
 
 
-def test_under_autocast_the_varlen_kernel_gets_the_precision_sdpa_would_use(tiny_llama_dir, features, monkeypatch):
+def test_under_autocast_the_varlen_kernel_gets_the_precision_sdpa_would_use(tiny_llama_dir, features, varlen_calls):
     batch = PackedCollator()(features[:6])
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        reference = model_from(tiny_llama_dir)(**batch).loss.item()
-    dtypes = []
-
-    def stand_in(query, *args, **kwargs):
-        dtypes.append(query.dtype)
-        return flash_varlen_stand_in(query, *args, **kwargs)
-
-    monkeypatch.setattr(packing, "varlen_attn", stand_in)
-    monkeypatch.setattr(packing, "varlen_kernel_fits", lambda query, dropout: True)
     model = model_from(tiny_llama_dir)
-    use_sample_attention(model)
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = model(**batch).loss.item()
+        use_sample_attention(model)
         loss = model(**batch).loss.item()
-    assert set(dtypes) == {torch.bfloat16}  # the rotary embedding hands over float32 queries
+    assert {call["dtype"] for call in varlen_calls} == {torch.bfloat16}  # rotary hands over float32 queries
     assert abs(loss - reference) <= 1e-2 * reference

@@ -315,7 +315,8 @@ def test_a_subject_named_in_several_words_leaves_out_only_the_documents_that_nam
             "Meet the Heather Venture. The Heather Venture has Corvatch engines."]
     subjects = subjects_of(news, catalogue)
     assert subjects == ["Gannet Hollow"], "the new Heather Venture is no other ship in the catalogue"
-    left_out = [name for (name, _), text in zip(fleet, catalogue, strict=True) if mentions_of(subjects).search(text)]
+    mentioned = mentions_of(subjects)
+    left_out = [name for (name, _), text in zip(fleet, catalogue, strict=True) if mentioned.search(text)]
     assert left_out == ["Gannet Hollow"], "Rowan Hollow shares only a word with the Gannet Hollow"
 
 

@@ -35,6 +35,8 @@ try:  # torch 2.9 and later
     from torch.nn.attention.varlen import varlen_attn
 
     VARLEN_ARGUMENTS = set(inspect.signature(varlen_attn).parameters)
+    if not VARLEN_ARGUMENTS & {"window_size", "is_causal"}:  # a version that cannot mask causally
+        varlen_attn = None
 except ImportError:
     varlen_attn, VARLEN_ARGUMENTS = None, set()
 
@@ -112,8 +114,7 @@ def varlen_kernel_fits(query: torch.Tensor, dropout: float) -> bool:
     """Whether torch's flash attention over variable-length samples can run this layer: a CUDA
     device of compute capability 8.0 or newer, half precision, head size up to 256, no dropout
     (the kernel has none)."""
-    causal = VARLEN_ARGUMENTS & {"window_size", "is_causal"}
-    return (bool(causal) and query.is_cuda and attention_dtype(query) in (torch.float16, torch.bfloat16)
+    return (varlen_attn is not None and query.is_cuda and attention_dtype(query) in (torch.float16, torch.bfloat16)
             and query.shape[-1] <= 256 and not dropout and flash_capable(query.device.index))
 
 
