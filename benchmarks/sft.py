@@ -36,8 +36,9 @@ Counted on the batches each side's collator really produced:
 - real tokens: positions that are not padding; positions: all positions computed; samples.
 
 Per second means per second of the Trainer's training loop (``train_runtime``, the same clock for
-every side). Loss: the last logged training loss of each side (each on its own objective), and the
-loss of each final model on the held-out conversations, on assistant tokens and on all tokens.
+every side; no side writes a checkpoint inside it). Loss: the last logged training loss of each
+side (each on its own objective), and the loss of each final model on the held-out conversations,
+on assistant tokens and on all tokens.
 
     .venv/bin/python benchmarks/sft.py [--samples 160] [--batch-size 4] [--threads 1] [--repeats 2]
                                        [--loss-seeds 1 2 3] [--device cpu|cuda] [--bf16]
@@ -136,6 +137,7 @@ def training_keys(args, output_dir: Path) -> dict:
             "lr_scheduler_type": "constant", "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0,
             "optim": "adamw_torch", "logging_steps": 5, "logging_first_step": True, "report_to": "none",
             "seed": args.seed, "dataloader_num_workers": 0, "disable_tqdm": True,
+            "save_strategy": "no",  # no side writes a checkpoint inside the timed loop
             "use_cpu": args.device == "cpu", "bf16": args.bf16}
 
 
@@ -146,7 +148,7 @@ def run_infuse(args, model_dir: Path, train_file: Path, output_dir: Path,
         "stage": "sft", "model_name_or_path": str(model_dir), "dataset": [str(train_file)],
         "template": "chatml", "finetuning_type": "full", "cutoff_len": args.cutoff_len,
         "overlong": "truncate", "packing": True,
-        **training_keys(args, output_dir), "save_steps": 10**6,
+        **training_keys(args, output_dir),
     })
     counter = {}
 
@@ -180,7 +182,7 @@ def run_seed(args, model_dir: Path, train, tokenizer, template: str, output_dir:
     from trl import SFTConfig, SFTTrainer
 
     sft_config = SFTConfig(
-        **training_keys(args, output_dir), save_strategy="no", max_length=args.cutoff_len, packing=False,
+        **training_keys(args, output_dir), max_length=args.cutoff_len, packing=False,
         train_sampling_strategy="group_by_length", dataset_text_field="text", eos_token="<|im_end|>",
         gradient_checkpointing=False,
     )
@@ -200,7 +202,7 @@ def run_plain_seed(args, model_dir: Path, train, tokenizer, template: str, outpu
 
     ids = [tokenizer(text, add_special_tokens=False, truncation=True, max_length=args.cutoff_len)["input_ids"]
            for text in seed_texts(train, tokenizer, template)]
-    arguments = TrainingArguments(**training_keys(args, output_dir), save_strategy="no",
+    arguments = TrainingArguments(**training_keys(args, output_dir),
                                   train_sampling_strategy="group_by_length")
     counter = CountingCollator(DataCollatorForLanguageModeling(tokenizer, mlm=False),
                                answer_counter(train, tokenizer, template))

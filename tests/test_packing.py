@@ -218,6 +218,23 @@ def flash_varlen_stand_in(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *
     return torch.cat(pieces)
 
 
+def test_where_calls_per_sample_do_not_pay_the_row_keeps_sdpas_mask(tiny_llama_dir, features, monkeypatch):
+    batch = PackedCollator()(features[:6])
+    reference = loss_and_grads(model_from(tiny_llama_dir), batch)
+    model = model_from(tiny_llama_dir)
+    use_sample_attention(model)
+    monkeypatch.setattr(packing, "sample_calls_pay", lambda query: False)  # a GPU without the varlen kernel
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, *args, **kwargs):
+        calls.append((query.shape[2], kwargs.get("attn_mask") is not None))
+        return sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    assert_same(reference, loss_and_grads(model, batch))
+    assert calls == [(batch["input_ids"].shape[1], True)] * model.config.num_hidden_layers
+
+
 @pytest.fixture
 def varlen_calls(monkeypatch) -> list[dict]:
     """Sends packed rows to ``flash_varlen_stand_in`` as if on a GPU; records each call's query

@@ -7,8 +7,8 @@ A packed batch is one row holding several samples, each with ``position_ids`` fr
   whole row, and the kernel computes every block of it: (n1 + n2 + ...)² instead of n1² + n2² + ...
   ``sample_attention`` computes each sample's causal attention on its own, which is the same
   attention minus the blocks that the mask would zero: on a GPU in half precision with one flash
-  attention kernel over the whole row (``torch.nn.attention.varlen``), elsewhere with one sdpa call
-  per sample (no mask). It is registered with transformers'
+  attention kernel over the whole row (``torch.nn.attention.varlen``), on a CPU with one sdpa call
+  per sample (no mask); elsewhere the row keeps sdpa's mask. It is registered with transformers'
   ``AttentionInterface`` (the documented way to add an attention), with sdpa's mask, so anything
   that is not a packed training row (generation, padded batches, sliding windows) gets sdpa itself.
 - The LM head. With answer-only loss most prompt positions predict nothing, yet the vocabulary
@@ -52,12 +52,12 @@ def sample_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     start), or plain sdpa with ``attention_mask`` for anything else. Shapes as in transformers:
     ``query`` is (batch, heads, length, head_dim); the output is (batch, length, heads, head_dim)."""
     starts = packed_starts(module, query, key, kwargs)
-    if starts is None:
+    groups = getattr(module, "num_key_value_groups", 1)
+    if starts is not None and varlen_kernel_fits(query, dropout):
+        return varlen_rows(query, key, value, starts, kwargs.get("max_length_q"), scaling, groups), None
+    if starts is None or not sample_calls_pay(query):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    groups = getattr(module, "num_key_value_groups", 1)
-    if varlen_kernel_fits(query, dropout):
-        return varlen_rows(query, key, value, starts, kwargs.get("max_length_q"), scaling, groups), None
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     lengths = host_lengths(starts)
     # split/cat rather than slicing: their backward passes cost the row once, not once per sample.
@@ -116,6 +116,14 @@ def varlen_kernel_fits(query: torch.Tensor, dropout: float) -> bool:
     (the kernel has none)."""
     return (varlen_attn is not None and query.is_cuda and attention_dtype(query) in (torch.float16, torch.bfloat16)
             and query.shape[-1] <= 256 and not dropout and flash_capable(query.device.index))
+
+
+def sample_calls_pay(query: torch.Tensor) -> bool:
+    """Whether one sdpa call per sample beats one masked call over the row: on a CPU, where the
+    skipped blocks are time. On a GPU the row's blocks run in parallel, and the calls cost more in
+    launches (and, in half precision, in kernel setup for every new length) than the blocks save:
+    measured slower there (benchmarks/sft.py)."""
+    return query.device.type == "cpu"
 
 
 def attention_dtype(query: torch.Tensor) -> torch.dtype:
