@@ -63,8 +63,21 @@ def assert_same(reference: tuple, other: tuple) -> None:
     assert max((a - b).abs().max().item() for a, b in zip(grads, other_grads, strict=True)) <= TOLERANCE
 
 
+@pytest.fixture
+def sdpa_calls(monkeypatch) -> list[tuple[int, bool]]:
+    """Records each sdpa call as (query length, whether it got a mask)."""
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, *args, **kwargs):
+        calls.append((query.shape[2], kwargs.get("attn_mask") is not None))
+        return sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return calls
+
+
 def test_attention_per_sample_gives_the_losses_and_gradients_of_the_block_mask(tiny_llama_dir, features,
-                                                                                monkeypatch):
+                                                                                sdpa_calls, monkeypatch):
     batch = PackedCollator()(features[:6])
     masked = model_from(tiny_llama_dir)
     reference = loss_and_grads(masked, batch)
@@ -72,16 +85,10 @@ def test_attention_per_sample_gives_the_losses_and_gradients_of_the_block_mask(t
 
     per_sample = model_from(tiny_llama_dir)
     assert use_sample_attention(per_sample) and per_sample.config._attn_implementation == SAMPLE_ATTENTION
-    lengths, sdpa = [], torch.nn.functional.scaled_dot_product_attention
-
-    def spy(query, *args, **kwargs):
-        lengths.append((query.shape[2], kwargs.get("attn_mask") is None and kwargs.get("is_causal")))
-        return sdpa(query, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    sdpa_calls.clear()
     assert_same(reference, loss_and_grads(per_sample, batch))
-    each = [(len(f["input_ids"]), True) for f in features[:6]]
-    assert lengths == each * per_sample.config.num_hidden_layers  # one causal call per sample, no mask
+    each = [(len(f["input_ids"]), False) for f in features[:6]]
+    assert sdpa_calls == each * per_sample.config.num_hidden_layers  # one call per sample, no mask
     monkeypatch.undo()
     with torch.no_grad():  # the same logits; read as one sample, the row would give others
         logits = per_sample(**batch).logits
@@ -218,21 +225,16 @@ def flash_varlen_stand_in(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *
     return torch.cat(pieces)
 
 
-def test_where_calls_per_sample_do_not_pay_the_row_keeps_sdpas_mask(tiny_llama_dir, features, monkeypatch):
+def test_where_calls_per_sample_do_not_pay_the_row_keeps_sdpas_mask(tiny_llama_dir, features, sdpa_calls,
+                                                                      monkeypatch):
     batch = PackedCollator()(features[:6])
     reference = loss_and_grads(model_from(tiny_llama_dir), batch)
     model = model_from(tiny_llama_dir)
     use_sample_attention(model)
     monkeypatch.setattr(packing, "sample_calls_pay", lambda query: False)  # a GPU without the varlen kernel
-    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
-
-    def spy(query, *args, **kwargs):
-        calls.append((query.shape[2], kwargs.get("attn_mask") is not None))
-        return sdpa(query, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    sdpa_calls.clear()
     assert_same(reference, loss_and_grads(model, batch))
-    assert calls == [(batch["input_ids"].shape[1], True)] * model.config.num_hidden_layers
+    assert sdpa_calls == [(batch["input_ids"].shape[1], True)] * model.config.num_hidden_layers
 
 
 @pytest.fixture
