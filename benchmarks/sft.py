@@ -19,7 +19,9 @@ and loss, through sdpa's block-diagonal mask over the whole row and the LM head 
 Packing changes how a step's samples are laid out, not which or how many: every side takes 4
 samples a step, 40 steps. The machine is shared and noisy, so all sides run in one process, one
 after the other, and the whole round is repeated (``--repeats``, the order reversed each round);
-every round is reported.
+every round is reported. On a GPU in half precision the first round also holds each side's kernel
+setup for batch lengths it has not met before (sdpa's, not the varlen kernel's); the second round,
+on the same batches, does not.
 
 The held-out loss of one run depends on the order the samples came in (the training seed; the
 starting model is the same). So infuse and TRL also train with a few other seeds (``--loss-seeds``),
