@@ -121,8 +121,8 @@ def varlen_kernel_fits(query: torch.Tensor, dropout: float) -> bool:
 def sample_calls_pay(query: torch.Tensor) -> bool:
     """Whether one sdpa call per sample beats one masked call over the row: on a CPU, where the
     skipped blocks are time. On a GPU the row's blocks run in parallel, and the calls cost more in
-    launches (and, in half precision, in kernel setup for every new length) than the blocks save:
-    measured slower there (benchmarks/sft.py)."""
+    launches (and, in half precision, in kernel setup for every new length) than the blocks save;
+    on an H200 they were slower (README, Benchmarks)."""
     return query.device.type == "cpu"
 
 
