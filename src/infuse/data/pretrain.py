@@ -411,8 +411,10 @@ def build_pretrain_dataset(
     else:
         texts = load_texts(sources, text_field, tokenizer)
         subjects = subjects_of(load_texts(skip_subjects_of, text_field, tokenizer), texts) if skip_subjects_of else []
-        mentioned = mentions_of(subjects)
-        kept = [text for text in texts if not mentioned.search(text)]
+        kept = texts
+        if subjects:  # otherwise no text is scanned: the corpus may be large
+            mentioned = mentions_of(subjects)
+            kept = [text for text in texts if not mentioned.search(text)]
         copies = shuffled_copies(kept, sentence_shuffles, seed)
         dataset, stats = pack_documents(kept + copies, tokenizer, block_size, num_proc)
         stats.shuffled_copies = len(copies)
