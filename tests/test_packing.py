@@ -194,7 +194,7 @@ def test_in_the_trainer_with_gradient_accumulation_both_give_the_same_step(tiny_
     assert abs(plain.state.log_history[-1]["train_loss"] - fast.state.log_history[-1]["train_loss"]) <= TOLERANCE
 
 
-def test_an_sft_run_turns_both_on_and_records_it(tiny_llama_dir, tmp_path, shared_data):
+def test_an_sft_run_turns_both_on_and_records_what_ran(tiny_llama_dir, tmp_path, shared_data):
     rows = json.loads((shared_data / "alpaca_en_demo.json").read_text())[:8]
     (tmp_path / "data.json").write_text(json.dumps(rows))
     config = config_from_dict({
@@ -203,12 +203,16 @@ def test_an_sft_run_turns_both_on_and_records_it(tiny_llama_dir, tmp_path, share
         "output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 4,
         "report_to": "none", "save_strategy": "no",
     })
+    layers = json.loads((tiny_llama_dir / "config.json").read_text())["num_hidden_layers"]
+    on_cpu = {"per_sample": 2 * layers}  # each layer of each of the 2 steps, one sdpa call per sample
     manifest = run(config, Console(file=io.StringIO()))
-    assert manifest["data"]["train"]["speedups"] == {"sample_attention": True, "logits_where_trained": True}
+    assert manifest["data"]["train"]["speedups"] == {
+        "sample_attention": True, "logits_where_trained": True, "attention_calls": on_cpu}
     smoothed = replace(config, training={**config.training, "label_smoothing_factor": 0.1,
                                          "output_dir": str(tmp_path / "smoothed")})
     manifest = run(smoothed, Console(file=io.StringIO()))
-    assert manifest["data"]["train"]["speedups"] == {"sample_attention": True, "logits_where_trained": False}
+    assert manifest["data"]["train"]["speedups"] == {
+        "sample_attention": True, "logits_where_trained": False, "attention_calls": on_cpu}
 
 
 def flash_varlen_stand_in(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None,
@@ -233,8 +237,10 @@ def test_where_calls_per_sample_do_not_pay_the_row_keeps_sdpas_mask(tiny_llama_d
     use_sample_attention(model)
     monkeypatch.setattr(packing, "sample_calls_pay", lambda query: False)  # a GPU without the varlen kernel
     sdpa_calls.clear()
+    packing.attention_calls.clear()
     assert_same(reference, loss_and_grads(model, batch))
     assert sdpa_calls == [(batch["input_ids"].shape[1], True)] * model.config.num_hidden_layers
+    assert packing.attention_calls == {"masked_row": model.config.num_hidden_layers}
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,12 @@ SAMPLE_ATTENTION = "sdpa_per_sample"
 # Attention variants sdpa cannot express without a mask: such layers go through sdpa with its mask.
 _NEEDS_MASK = ("sliding_window", "softcap", "s_aux", "position_bias")
 
+attention_calls: Counter[str] = Counter()
+"""Layer calls of ``sample_attention`` since ``prepare_sft_batches``, by the kernel they ran: ``varlen``
+(flash over the whole row), ``per_sample`` (sdpa per sample), ``masked_row`` (sdpa with the block mask
+over a packed row), ``sdpa`` (what is not a packed row). The run manifest records them: which kernel
+ran depends on the device and precision, not only on the switch."""
+
 
 def sample_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
@@ -54,10 +61,13 @@ def sample_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     starts = packed_starts(module, query, key, kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
     if starts is not None and varlen_kernel_fits(query, dropout):
+        attention_calls["varlen"] += 1
         return varlen_rows(query, key, value, starts, kwargs.get("max_length_q"), scaling, groups), None
     if starts is None or not sample_calls_pay(query):
+        attention_calls["sdpa" if starts is None else "masked_row"] += 1
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
+    attention_calls["per_sample"] += 1
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     lengths = host_lengths(starts)
     # split/cat rather than slicing: their backward passes cost the row once, not once per sample.
@@ -173,6 +183,7 @@ def prepare_sft_batches(model, collator, label_smoothing: float = 0.0) -> dict[s
     if not isinstance(collator, PackedCollator | PaddedCollator):
         return {"sample_attention": False, "logits_where_trained": False}
     collator.trained_logits_only = logits_where_trained(model, label_smoothing)
+    attention_calls.clear()
     packed = isinstance(collator, PackedCollator)
     return {"sample_attention": packed and use_sample_attention(model),
             "logits_where_trained": collator.trained_logits_only}

@@ -78,6 +78,10 @@ def run(config: TrainConfig, console: Console | None = None,
     )
     trainer.remove_callback(PrinterCallback)  # RichProgress prints the logs; this would print them again
     result = trainer.train(resume_from_checkpoint=plan.checkpoint)
+    if "speedups" in data.stats["train"]:
+        from infuse.packing import attention_calls
+
+        data.stats["train"]["speedups"]["attention_calls"] = dict(attention_calls)
 
     if config.stage == "sft":
         stop_at_end_of_turn(trainer.model, tokenizer, data.stats["train"]["end_of_turn"], output_dir)
