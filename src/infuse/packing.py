@@ -46,10 +46,11 @@ SAMPLE_ATTENTION = "sdpa_per_sample"
 _NEEDS_MASK = ("sliding_window", "softcap", "s_aux", "position_bias")
 
 attention_calls: Counter[str] = Counter()
-"""Layer calls of ``sample_attention`` since ``prepare_sft_batches``, by the kernel they ran: ``varlen``
-(flash over the whole row), ``per_sample`` (sdpa per sample), ``masked_row`` (sdpa with the block mask
-over a packed row), ``sdpa`` (what is not a packed row). The run manifest records them: which kernel
-ran depends on the device and precision, not only on the switch."""
+"""Layer calls of ``sample_attention`` in a training run (``infuse.train.run`` clears it first), by
+the kernel they ran: ``varlen`` (flash over the whole row), ``per_sample`` (sdpa per sample),
+``masked_row`` (sdpa with the block mask over a packed row), ``sdpa`` (what is not a packed row).
+The run manifest records them: which kernel ran depends on the device and precision, not only on
+the switch."""
 
 
 def sample_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -183,7 +184,6 @@ def prepare_sft_batches(model, collator, label_smoothing: float = 0.0) -> dict[s
     if not isinstance(collator, PackedCollator | PaddedCollator):
         return {"sample_attention": False, "logits_where_trained": False}
     collator.trained_logits_only = logits_where_trained(model, label_smoothing)
-    attention_calls.clear()
     packed = isinstance(collator, PackedCollator)
     return {"sample_attention": packed and use_sample_attention(model),
             "logits_where_trained": collator.trained_logits_only}

@@ -61,10 +61,11 @@ def run(config: TrainConfig, console: Console | None = None,
     model = load_model(config, tokenizer)
     describe_model(model, console)
     if config.stage == "sft":  # attention per packed sample, logits only where trained: same loss, less work
-        from infuse.packing import prepare_sft_batches
+        from infuse.packing import attention_calls, prepare_sft_batches
 
         data.stats["train"]["speedups"] = prepare_sft_batches(
             model, data.collator, config.training.get("label_smoothing_factor", 0.0))
+        attention_calls.clear()
 
     trainer = Trainer(
         model=model,
@@ -78,9 +79,7 @@ def run(config: TrainConfig, console: Console | None = None,
     )
     trainer.remove_callback(PrinterCallback)  # RichProgress prints the logs; this would print them again
     result = trainer.train(resume_from_checkpoint=plan.checkpoint)
-    if "speedups" in data.stats["train"]:
-        from infuse.packing import attention_calls
-
+    if config.stage == "sft":
         data.stats["train"]["speedups"]["attention_calls"] = dict(attention_calls)
 
     if config.stage == "sft":
