@@ -79,10 +79,9 @@ def run(config: TrainConfig, console: Console | None = None,
     )
     trainer.remove_callback(PrinterCallback)  # RichProgress prints the logs; this would print them again
     result = trainer.train(resume_from_checkpoint=plan.checkpoint)
-    if config.stage == "sft":
-        data.stats["train"]["speedups"]["attention_calls"] = dict(attention_calls)
 
     if config.stage == "sft":
+        data.stats["train"]["speedups"]["attention_calls"] = dict(attention_calls)
         stop_at_end_of_turn(trainer.model, tokenizer, data.stats["train"]["end_of_turn"], output_dir)
     trainer.save_model(str(output_dir))
     tokenizer.save_pretrained(str(output_dir))
