@@ -64,12 +64,12 @@ def assert_same(reference: tuple, other: tuple) -> None:
 
 
 @pytest.fixture
-def sdpa_calls(monkeypatch) -> list[tuple[int, bool]]:
-    """Records each sdpa call as (query length, whether it got a mask)."""
+def sdpa_calls(monkeypatch) -> list[tuple[int, bool, bool]]:
+    """Records each sdpa call as (query length, whether it got a mask, whether it was told to be causal)."""
     calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
 
     def spy(query, *args, **kwargs):
-        calls.append((query.shape[2], kwargs.get("attn_mask") is not None))
+        calls.append((query.shape[2], kwargs.get("attn_mask") is not None, bool(kwargs.get("is_causal"))))
         return sdpa(query, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
@@ -87,8 +87,8 @@ def test_attention_per_sample_gives_the_losses_and_gradients_of_the_block_mask(t
     assert use_sample_attention(per_sample) and per_sample.config._attn_implementation == SAMPLE_ATTENTION
     sdpa_calls.clear()
     assert_same(reference, loss_and_grads(per_sample, batch))
-    each = [(len(f["input_ids"]), False) for f in features[:6]]
-    assert sdpa_calls == each * per_sample.config.num_hidden_layers  # one call per sample, no mask
+    each = [(len(f["input_ids"]), False, True) for f in features[:6]]
+    assert sdpa_calls == each * per_sample.config.num_hidden_layers  # one causal call per sample, no mask
     monkeypatch.undo()
     with torch.no_grad():  # the same logits; read as one sample, the row would give others
         logits = per_sample(**batch).logits
@@ -239,7 +239,7 @@ def test_where_calls_per_sample_do_not_pay_the_row_keeps_sdpas_mask(tiny_llama_d
     sdpa_calls.clear()
     packing.attention_calls.clear()
     assert_same(reference, loss_and_grads(model, batch))
-    assert sdpa_calls == [(batch["input_ids"].shape[1], True)] * model.config.num_hidden_layers
+    assert sdpa_calls == [(batch["input_ids"].shape[1], True, False)] * model.config.num_hidden_layers
     assert packing.attention_calls == {"masked_row": model.config.num_hidden_layers}
 
 
