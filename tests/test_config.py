@@ -62,6 +62,13 @@ def test_replay_refuses_persistent_workers_that_would_keep_the_first_epochs_bloc
         config_from_dict({**replay, "dataloader_persistent_workers": True})
 
 
+def test_swa_start_is_a_share_of_the_run():
+    assert config_from_dict({**MINIMAL, "swa_start": 0.75}).swa_start == 0.75
+    for bad in (1, 1.5, -0.1, "half"):
+        with pytest.raises(InfuseError, match=r"swa_start: expected a share of the run's steps in \[0, 1\)"):
+            config_from_dict({**MINIMAL, "swa_start": bad})
+
+
 def test_invalid_yaml_names_the_line(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("stage: pt\nmodel_config: [unclosed\n")

@@ -104,6 +104,10 @@ class TrainConfig:
         "more capitalised words, repeated most through a new document, such as a product name), so replay "
         "does not restate the facts the new documents change. The names and the documents left out are "
         "reported.", False)
+    swa_start: float | None = _help(
+        "Stochastic weight averaging: from this share of the run's optimizer steps on (0.5 = the second half), "
+        "keep the mean of the trained weights over every step and save it instead of the last step's weights. "
+        "Unset saves the last step's.")
     cache_dir: str | None = _help("Where tokenized data is cached; default ~/.cache/infuse.")
     preprocessing_num_workers: int | None = _help("Processes for tokenization (datasets num_proc).")
     overwrite_output_dir: bool = _help("Start afresh even if output_dir holds a run of other settings.", False)
@@ -286,6 +290,8 @@ def _validate(config: TrainConfig) -> list[str]:
             errors.append(f"{name}: expected a positive integer, got {value!r}.")
     if not 0 <= config.replay_ratio < 1:
         errors.append(f"replay_ratio: expected a number in [0, 1), got {config.replay_ratio!r}.")
+    if config.swa_start is not None and not (isinstance(config.swa_start, float | int) and 0 <= config.swa_start < 1):
+        errors.append(f"swa_start: expected a share of the run's steps in [0, 1), got {config.swa_start!r}.")
     if config.finetuning_type == "qlora" and config.quantization_bit not in (4, 8):
         errors.append(f"quantization_bit: qlora supports 4 or 8, got {config.quantization_bit!r}.")
     if config.replay_ratio and not config.replay_dataset:

@@ -20,6 +20,7 @@ from rich.console import Console
 from transformers import PrinterCallback, Trainer, TrainerCallback, default_data_collator
 
 from infuse import __version__
+from infuse.averaging import WeightAveraging
 from infuse.config import TrainConfig
 from infuse.errors import InfuseError
 from infuse.models import check_model_source, describe_model, load_model, load_tokenizer
@@ -67,6 +68,7 @@ def run(config: TrainConfig, console: Console | None = None,
             model, data.collator, config.training.get("label_smoothing_factor", 0.0))
         attention_calls.clear()
 
+    averaging = [WeightAveraging(config.swa_start, plan.checkpoint)] if config.swa_start is not None else []
     trainer = Trainer(
         model=model,
         args=config.training_arguments(),
@@ -74,11 +76,14 @@ def run(config: TrainConfig, console: Console | None = None,
         data_collator=data.collator,
         processing_class=tokenizer,
         # Extra callbacks run first, so a test can stop the process before a checkpoint is sealed.
-        callbacks=[*(callbacks or []), SealCheckpoints(fingerprint), RichProgress(console),
+        # The average goes into a checkpoint before its seal does.
+        callbacks=[*(callbacks or []), *averaging, SealCheckpoints(fingerprint), RichProgress(console),
                    EpochData(data.dataset)],
     )
     trainer.remove_callback(PrinterCallback)  # RichProgress prints the logs; this would print them again
     result = trainer.train(resume_from_checkpoint=plan.checkpoint)
+    for callback in averaging:
+        data.stats["train"]["weight_averaging"] = callback.summary()
 
     if config.stage == "sft":
         data.stats["train"]["speedups"]["attention_calls"] = dict(attention_calls)

@@ -1,0 +1,63 @@
+"""Stochastic weight averaging: the saved model is the mean of the weights over the last steps."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from infuse.averaging import AVERAGE_FILE
+from infuse.config import config_from_dict
+from infuse.train import run
+
+
+class RecordWeights(TrainerCallback):
+    """The model's weights after every optimizer step (extra callbacks run before infuse's own)."""
+
+    def __init__(self):
+        self.steps: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.steps[state.global_step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture
+def train(tmp_path, tiny_llama_config_path, tokenizer_dir, shared_data):
+    def run_with(**changes) -> tuple[dict, RecordWeights]:
+        recorder = RecordWeights()
+        config = config_from_dict({
+            "model_config": str(tiny_llama_config_path), "tokenizer_name_or_path": str(tokenizer_dir),
+            "dataset": [str(shared_data / "wiki_demo.txt")], "finetuning_type": "full", "block_size": 64,
+            "output_dir": str(tmp_path / "run"), "max_steps": 6, "per_device_train_batch_size": 4,
+            "learning_rate": 3e-3, "lr_scheduler_type": "constant", "save_steps": 4, "report_to": "none",
+            "cache_dir": str(tmp_path / "cache"), "seed": 7, "overwrite_output_dir": True, **changes,
+        })
+        return run(config, Console(file=io.StringIO()), callbacks=[recorder]), recorder
+
+    return run_with
+
+
+def test_the_saved_model_is_the_mean_of_the_weights_from_swa_start_on(train, tmp_path):
+    manifest, recorder = train(swa_start=0.5)
+    assert manifest["data"]["train"]["weight_averaging"] == {"swa_start": 0.5, "from_step": 3, "steps_averaged": 4}
+    saved = load_file(tmp_path / "run" / "model.safetensors")
+    for name, weight in saved.items():
+        mean = torch.stack([recorder.steps[step][name] for step in range(3, 7)]).mean(0)
+        assert (weight - mean).abs().max() <= 1e-6, name
+    assert any((saved[k] - recorder.steps[6][k]).abs().max() > 1e-4 for k in saved)  # not the last step's
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint-4" / AVERAGE_FILE, weights_only=True)
+    assert checkpoint["count"] == 2  # steps 3 and 4, kept for a resumed run
+
+
+def test_without_swa_start_the_last_steps_weights_are_saved(train, tmp_path):
+    manifest, recorder = train()
+    assert "weight_averaging" not in manifest["data"]["train"]
+    saved = load_file(tmp_path / "run" / "model.safetensors")
+    assert all((saved[k] - recorder.steps[6][k]).abs().max() == 0 for k in saved)
+    assert not (tmp_path / "run" / "checkpoint-4" / AVERAGE_FILE).exists()
+    assert json.loads((tmp_path / "run" / "infuse_run.json").read_text())["config"]["swa_start"] is None
