@@ -9,10 +9,11 @@ import pytest
 import torch
 from rich.console import Console
 from safetensors.torch import load_file
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerState
 
-from infuse.averaging import AVERAGE_FILE
+from infuse.averaging import AVERAGE_FILE, WeightAveraging
 from infuse.config import config_from_dict
+from infuse.errors import InfuseError
 from infuse.train import run
 
 
@@ -61,3 +62,11 @@ def test_without_swa_start_the_last_steps_weights_are_saved(train, tmp_path):
     assert all((saved[k] - recorder.steps[6][k]).abs().max() == 0 for k in saved)
     assert not (tmp_path / "run" / "checkpoint-4" / AVERAGE_FILE).exists()
     assert json.loads((tmp_path / "run" / "infuse_run.json").read_text())["config"]["swa_start"] is None
+
+
+def test_sharded_weights_are_refused_with_a_clear_error():
+    model = torch.nn.Linear(4, 4)
+    model.weight.data = torch.empty(0)  # what DeepSpeed ZeRO-3 leaves in place of a partitioned weight
+    state = TrainerState(max_steps=10)
+    with pytest.raises(InfuseError, match="swa_start: this run shards its weights"):
+        WeightAveraging(0.5).on_train_begin(None, state, None, model=model)

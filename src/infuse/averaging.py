@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.optim.swa_utils import get_swa_multi_avg_fn
 from transformers import TrainerCallback
+
+from infuse.errors import InfuseError
 
 AVERAGE_FILE = "swa_average.pt"
 
@@ -33,10 +36,13 @@ class WeightAveraging(TrainerCallback):
         self.update = get_swa_multi_avg_fn()
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        weights = trainable_weights(model)
+        if any(w.numel() == 0 or isinstance(w, DTensor) for w in weights.values()):
+            raise InfuseError("swa_start: this run shards its weights across processes (DeepSpeed ZeRO-3 or "
+                              "FSDP), and averaging needs whole weights; use ZeRO-2 or leave swa_start unset.")
         self.first_step = max(1, math.ceil(self.start * state.max_steps))
-        saved = Path(self.resume_from or "") / AVERAGE_FILE
-        if self.resume_from and saved.is_file():
-            device = next(iter(trainable_weights(model).values())).device
+        if self.resume_from and (saved := Path(self.resume_from) / AVERAGE_FILE).is_file():
+            device = next(iter(weights.values())).device
             stored = torch.load(saved, map_location=device, weights_only=True)
             self.average, self.count = stored["average"], stored["count"]
 

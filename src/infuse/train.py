@@ -82,8 +82,8 @@ def run(config: TrainConfig, console: Console | None = None,
     )
     trainer.remove_callback(PrinterCallback)  # RichProgress prints the logs; this would print them again
     result = trainer.train(resume_from_checkpoint=plan.checkpoint)
-    for callback in averaging:
-        data.stats["train"]["weight_averaging"] = callback.summary()
+    if averaging:
+        data.stats["train"]["weight_averaging"] = averaging[0].summary()
 
     if config.stage == "sft":
         data.stats["train"]["speedups"]["attention_calls"] = dict(attention_calls)
