@@ -53,6 +53,10 @@ class DemoSettings:
     infuse_epochs: int = 15
     infuse_lr: float = 1e-3
     infuse_shuffles: int = 10
+    infuse_swa_start: float | None = 0.5
+    """Save the mean of the adapter's weights over the second half of infusion (``swa_start``): the
+    last step's weights are one noisy draw, and whether a fact read in five pages comes out right
+    changed with it from one training seed to the next."""
     lora_rank: int = 16
     replay_ratio: float = 0.8
     """Share of replay blocks (the world's corpus; for the chat model its chat data too) in each epoch
@@ -280,6 +284,7 @@ def infuse_config(
             "replay_skip_subjects": settings.replay_skip_subjects,
             "num_train_epochs": settings.infuse_epochs,
             "sentence_shuffles": settings.infuse_shuffles,
+            "swa_start": settings.infuse_swa_start,
             "per_device_train_batch_size": 4,
             "learning_rate": settings.infuse_lr,
             "lr_scheduler_type": "constant",
