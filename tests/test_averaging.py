@@ -45,14 +45,14 @@ def train(tmp_path, tiny_llama_config_path, tokenizer_dir, shared_data):
 
 def test_the_saved_model_is_the_mean_of_the_weights_from_swa_start_on(train, tmp_path):
     manifest, recorder = train(swa_start=0.5)
-    assert manifest["data"]["train"]["weight_averaging"] == {"swa_start": 0.5, "from_step": 3, "steps_averaged": 4}
+    assert manifest["data"]["train"]["weight_averaging"] == {"swa_start": 0.5, "from_step": 4, "steps_averaged": 3}
     saved = load_file(tmp_path / "run" / "model.safetensors")
     for name, weight in saved.items():
-        mean = torch.stack([recorder.steps[step][name] for step in range(3, 7)]).mean(0)
+        mean = torch.stack([recorder.steps[step][name] for step in range(4, 7)]).mean(0)
         assert (weight - mean).abs().max() <= 1e-6, name
     assert any((saved[k] - recorder.steps[6][k]).abs().max() > 1e-4 for k in saved)  # not the last step's
     checkpoint = torch.load(tmp_path / "run" / "checkpoint-4" / AVERAGE_FILE, weights_only=True)
-    assert checkpoint["count"] == 2  # steps 3 and 4, kept for a resumed run
+    assert checkpoint["count"] == 1  # step 4, kept for a resumed run
 
 
 def test_without_swa_start_the_last_steps_weights_are_saved(train, tmp_path):

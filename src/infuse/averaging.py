@@ -40,7 +40,7 @@ class WeightAveraging(TrainerCallback):
         if any(w.numel() == 0 or isinstance(w, DTensor) for w in weights.values()):
             raise InfuseError("swa_start: this run shards its weights across processes (DeepSpeed ZeRO-3 or "
                               "FSDP), and averaging needs whole weights; use ZeRO-2 or leave swa_start unset.")
-        self.first_step = max(1, math.ceil(self.start * state.max_steps))
+        self.first_step = math.floor(self.start * state.max_steps) + 1  # 0.5 of 6 steps: steps 4 to 6
         if self.resume_from and (saved := Path(self.resume_from) / AVERAGE_FILE).is_file():
             device = next(iter(weights.values())).device
             stored = torch.load(saved, map_location=device, weights_only=True)
