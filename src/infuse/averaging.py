@@ -19,6 +19,7 @@ from torch.optim.swa_utils import get_swa_multi_avg_fn
 from transformers import TrainerCallback
 
 from infuse.errors import InfuseError
+from infuse.resume import saved_checkpoint
 
 AVERAGE_FILE = "swa_average.pt"
 
@@ -31,12 +32,13 @@ class WeightAveraging(TrainerCallback):
     def __init__(self, start: float, resume_from: str | None = None):
         self.start, self.resume_from = start, resume_from
         self.first_step = 1
+        self.weights: dict[str, torch.nn.Parameter] = {}
         self.average: dict[str, torch.Tensor] = {}
         self.count = 0
         self.update = get_swa_multi_avg_fn()
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        weights = trainable_weights(model)
+        self.weights = weights = trainable_weights(model)  # found once: the model is the same object all run
         if any(w.numel() == 0 or isinstance(w, DTensor) for w in weights.values()):
             raise InfuseError("swa_start: this run shards its weights across processes (DeepSpeed ZeRO-3 or "
                               "FSDP), and averaging needs whole weights; use ZeRO-2 or leave swa_start unset.")
@@ -49,24 +51,24 @@ class WeightAveraging(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step < self.first_step:
             return
-        weights = trainable_weights(model)
         if not self.average:
-            self.average = {name: w.detach().float().clone() for name, w in weights.items()}
+            self.average = {name: w.detach().float().clone() for name, w in self.weights.items()}
         else:
             names = list(self.average)
-            self.update([self.average[n] for n in names], [weights[n].detach().float() for n in names], self.count)
+            self.update([self.average[n] for n in names], [self.weights[n].detach().float() for n in names],
+                        self.count)
         self.count += 1
 
     def on_save(self, args, state, control, **kwargs):
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        folder = saved_checkpoint(args, state)
         if self.count and state.is_world_process_zero and folder.is_dir():
             torch.save({"average": self.average, "count": self.count}, folder / AVERAGE_FILE)
 
-    def on_train_end(self, args, state, control, model=None, **kwargs):
+    def on_train_end(self, args, state, control, **kwargs):
         if not self.count:
             return
         with torch.no_grad():
-            for name, weight in trainable_weights(model).items():
+            for name, weight in self.weights.items():
                 weight.copy_(self.average[name])
 
     def summary(self) -> dict[str, Any]:

@@ -122,10 +122,15 @@ class SealCheckpoints(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            folder = saved_checkpoint(args, state)
             if folder.is_dir():
                 seal = {"global_step": state.global_step, "fingerprint": self.fingerprint}
                 tmp = folder / (SEAL_FILE + ".tmp")
                 tmp.write_text(json.dumps(seal, indent=1))
                 tmp.replace(folder / SEAL_FILE)  # atomic: a seal is whole or absent
         return control
+
+
+def saved_checkpoint(args, state) -> Path:
+    """The folder the Trainer has just written for ``state.global_step`` (in an ``on_save`` callback)."""
+    return Path(args.output_dir) / f"checkpoint-{state.global_step}"
