@@ -69,6 +69,14 @@ def test_swa_start_is_a_share_of_the_run():
             config_from_dict({**MINIMAL, "swa_start": bad})
 
 
+def test_sentence_shuffles_are_a_number_of_copies():
+    assert config_from_dict({**MINIMAL, "replay_sentence_shuffles": 3}).replay_sentence_shuffles == 3
+    for name in ("sentence_shuffles", "replay_sentence_shuffles"):
+        for bad in (-1, 1.5, True):
+            with pytest.raises(InfuseError, match=f"{name}: expected a number of copies"):
+                config_from_dict({**MINIMAL, name: bad})
+
+
 def test_invalid_yaml_names_the_line(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("stage: pt\nmodel_config: [unclosed\n")

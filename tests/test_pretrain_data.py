@@ -356,6 +356,15 @@ def test_conversation_rows_are_rendered_by_the_chat_template(tokenizer, tmp_path
         load_texts([path])  # without a tokenizer there is no template to render with
 
 
+def test_conversations_get_no_shuffled_copies(tokenizer, tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    messages = [{"role": "user", "content": "Hi? How are you?"}, {"role": "assistant", "content": "Fine. Thanks."}]
+    prose = "The first sentence. The second one. The third one."
+    path.write_text(json.dumps({"messages": messages}) + "\n" + json.dumps({"text": prose}) + "\n")
+    _, stats = build_pretrain_dataset([path], tokenizer, 32, sentence_shuffles=2)
+    assert stats.documents == 4 and stats.shuffled_copies == 2  # the conversation, the prose and its copies
+
+
 def test_sentence_shuffled_copies_hold_the_same_sentences_in_new_orders(tokenizer, tmp_path):
     from infuse.data.pretrain import shuffled_copies, split_sentences
 

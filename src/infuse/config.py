@@ -77,8 +77,8 @@ class TrainConfig:
     block_size: int = _help("pt: tokens per training block.", 2048)
     sentence_shuffles: int = _help(
         "pt: add this many copies of every training document with its sentences in a new random order, so "
-        "each fact is learned in several contexts instead of as one memorized sequence (replay data is not "
-        "copied).", 0)
+        "each fact is learned in several contexts instead of as one memorized sequence (replay data gets "
+        "replay_sentence_shuffles instead).", 0)
     isolate_documents: bool = _help(
         "pt: each token attends only to its own document within a block (position ids restart after "
         "every EOS, as in Llama 3 pretraining); false lets attention cross document boundaries, as "
@@ -99,6 +99,11 @@ class TrainConfig:
     replay_ratio: float = _help(
         "pt: share of each epoch's training blocks drawn from replay_dataset (0.2 = one in five); the replay "
         "blocks are drawn afresh every epoch.", 0.0)
+    replay_sentence_shuffles: int = _help(
+        "pt: sentence-shuffled copies of every replay document (conversation rows rendered in the chat "
+        "template get none), added to the pool replay blocks are drawn from. Give the number the model was "
+        "pretrained with: replay then rehearses each fact in the contexts it was learned in, not only in its "
+        "document's own order.", 0)
     replay_skip_subjects: bool = _help(
         "pt: leave out replay documents that name a subject of the new documents (the rare name, of one or "
         "more capitalised words, repeated most through a new document, such as a product name), so replay "
@@ -288,6 +293,10 @@ def _validate(config: TrainConfig) -> list[str]:
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             errors.append(f"{name}: expected a positive integer, got {value!r}.")
+    for name in ("sentence_shuffles", "replay_sentence_shuffles"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            errors.append(f"{name}: expected a number of copies (0 or more), got {value!r}.")
     if not 0 <= config.replay_ratio < 1:
         errors.append(f"replay_ratio: expected a number in [0, 1), got {config.replay_ratio!r}.")
     if config.swa_start is not None and not (isinstance(config.swa_start, float | int) and 0 <= config.swa_start < 1):

@@ -134,6 +134,7 @@ def build_pretrain_data(config: TrainConfig, tokenizer, console: Console) -> Tra
             config.replay_dataset, tokenizer, config.block_size, text_field=config.text_field,
             cache_dir=cache, num_proc=config.preprocessing_num_workers, console=console,
             skip_subjects_of=config.dataset if config.replay_skip_subjects else None,
+            sentence_shuffles=config.replay_sentence_shuffles, seed=config.training.get("seed", 42),
         )
         dataset, mix = mix_replay(dataset, replay, config.replay_ratio, seed=config.training.get("seed", 42))
         summary["replay"] = {**replay_stats.to_dict(), **mix}

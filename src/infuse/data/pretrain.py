@@ -40,7 +40,7 @@ from infuse.errors import InfuseError
 
 IGNORE_INDEX = -100
 # Bump when the blocks written for the same inputs change, so old caches are not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 LINE_SUFFIXES = (".txt",)
 WHOLE_FILE_SUFFIXES = (".md",)
 DOCUMENT_SUFFIXES = RECORD_SUFFIXES + LINE_SUFFIXES + WHOLE_FILE_SUFFIXES
@@ -162,8 +162,13 @@ def _row_text(row: dict, where: str, text_field: str, tokenizer) -> str:
     except BadRow as e:
         raise InfuseError(f"{where}: {e}") from None
     if conversation.text is not None:
-        return conversation.text
-    return render(tokenizer, resolve_template(tokenizer), conversation.messages, conversation.tools)
+        return Conversation(conversation.text)
+    return Conversation(render(tokenizer, resolve_template(tokenizer), conversation.messages, conversation.tools))
+
+
+class Conversation(str):
+    """A conversation rendered as one text: its turns keep their order (``shuffled_copies`` makes no
+    copies of it)."""
 
 
 def shuffled_copies(texts: list[str], copies: int, seed: int = 0) -> list[str]:
@@ -171,13 +176,13 @@ def shuffled_copies(texts: list[str], copies: int, seed: int = 0) -> list[str]:
 
     A fact read once in one context is easily stored as "what comes after that context"; read in
     several orders, it has to be tied to the words of its own sentence, which is how a question
-    later asks for it. Texts of a single sentence have nothing to reorder and get no copies.
+    later asks for it. Texts of a single sentence have nothing to reorder and get no copies, nor do conversations.
     """
     rng = random.Random(seed)
     out = []
     for text in texts:
         sentences = split_sentences(text)
-        if len(sentences) < 2:
+        if len(sentences) < 2 or isinstance(text, Conversation):
             continue
         for _ in range(copies):
             order = sentences[:]
