@@ -52,7 +52,10 @@ class DemoSettings:
     sft_lr: float = 3e-3
     infuse_epochs: int = 15
     infuse_lr: float = 1e-3
-    infuse_shuffles: int = 10
+    infuse_shuffles: int = 20
+    """Sentence-shuffled copies of each page. With 20 instead of 10 the hand-written world's chat model
+    named the new maker of every re-engined ship over four training seeds (with 10, 10 of 16 over
+    eight seeds), at twice the steps."""
     infuse_swa_start: float | None = 0.5
     """Save the mean of the adapter's weights over the second half of infusion (``swa_start``): the
     last step's weights are one noisy draw, and whether a fact read in five pages comes out right
@@ -61,6 +64,12 @@ class DemoSettings:
     replay_ratio: float = 0.8
     """Share of replay blocks (the world's corpus; for the chat model its chat data too) in each epoch
     of infusion, against forgetting: the pages are few, so most of each epoch rehearses."""
+    base_replay_shuffles: int = 3
+    """Sentence-shuffled copies of each corpus document in the base model's replay pool, as many as
+    it was pretrained with (``replay_sentence_shuffles``). Replaying the corpus only in its
+    documents' own order, the base forgot old facts asked outside that order, as the probes ask
+    them. The chat model gets none: in its pool the copies would outnumber its chat data, and with
+    them it kept a re-engined ship's old maker."""
     replay_skip_subjects: bool = True
     """Leave out replay documents about what the pages change, so replay does not restate stale facts."""
     max_new_tokens: int = 48
@@ -101,7 +110,9 @@ def run_demo(
         models = {"base": base, "chat": chat} if base else build_models(out, world_dir, settings, stages)
         docs = stages.run("ingest pages", lambda: ingest_pages(world_dir / "news", out / "news.jsonl", console))
         for name, path in models.items():
-            config = infuse_config(path, out / f"{name}-infused", docs, replay_for(name, world_dir), settings)
+            replay_shuffles = settings.base_replay_shuffles if name == "base" else 0
+            config = infuse_config(path, out / f"{name}-infused", docs, replay_for(name, world_dir), settings,
+                                   replay_shuffles)
             stages.run(f"infuse {name}", lambda config=config: train_once(config, console))
         specs = {**models, **{f"{name}+infused": f"{path}+{out / f'{name}-infused'}" for name, path in models.items()}}
         runs = {name: out / name for name in ("base", "chat")} | {f"{n}+infused": out / f"{n}-infused" for n in models}
@@ -269,9 +280,10 @@ def replay_for(name: str, world_dir: Path) -> list[Path]:
 
 
 def infuse_config(
-    model: str, output_dir: Path, docs: Path, replay: list[Path], settings: DemoSettings
+    model: str, output_dir: Path, docs: Path, replay: list[Path], settings: DemoSettings, replay_shuffles: int = 0
 ) -> TrainConfig:
-    """QLoRA continued pretraining on the ingested pages, with ``replay`` mixed in."""
+    """QLoRA continued pretraining on the ingested pages, with ``replay`` (and ``replay_shuffles``
+    sentence-shuffled copies of its documents) mixed in."""
     return config_from_dict(
         {
             **common(output_dir, output_dir.parent / "cache"),
@@ -285,6 +297,7 @@ def infuse_config(
             "replay_dataset": [str(path) for path in replay],
             "replay_ratio": settings.replay_ratio,
             "replay_skip_subjects": settings.replay_skip_subjects,
+            "replay_sentence_shuffles": replay_shuffles,
             "num_train_epochs": settings.infuse_epochs,
             "sentence_shuffles": settings.infuse_shuffles,
             "swa_start": settings.infuse_swa_start,
