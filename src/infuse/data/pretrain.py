@@ -176,7 +176,8 @@ def shuffled_copies(texts: list[str], copies: int, seed: int = 0) -> list[str]:
 
     A fact read once in one context is easily stored as "what comes after that context"; read in
     several orders, it has to be tied to the words of its own sentence, which is how a question
-    later asks for it. Texts of a single sentence have nothing to reorder and get no copies, nor do conversations.
+    later asks for it. Texts of a single sentence have nothing to reorder and get no copies;
+    conversations get none either.
     """
     rng = random.Random(seed)
     out = []
