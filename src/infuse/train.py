@@ -121,22 +121,22 @@ def build_data(config: TrainConfig, tokenizer, console: Console) -> TrainData:
 def build_pretrain_data(config: TrainConfig, tokenizer, console: Console) -> TrainData:
     from infuse.data.pretrain import DocumentCollator, build_pretrain_dataset, mix_replay
 
-    cache = cache_dir(config)
-    dataset, stats = build_pretrain_dataset(
-        config.dataset, tokenizer, config.block_size, text_field=config.text_field,
-        cache_dir=cache, num_proc=config.preprocessing_num_workers, console=console,
-        sentence_shuffles=config.sentence_shuffles, seed=config.training.get("seed", 42),
-    )
+    seed = config.training.get("seed", 42)
+
+    def pack(sources: list[str], **options):
+        return build_pretrain_dataset(sources, tokenizer, config.block_size, text_field=config.text_field,
+                                      cache_dir=cache_dir(config), num_proc=config.preprocessing_num_workers,
+                                      console=console, seed=seed, **options)
+
+    dataset, stats = pack(config.dataset, sentence_shuffles=config.sentence_shuffles)
     summary = {"train": stats.to_dict()}
     fingerprint = stats.fingerprint
     if config.replay_dataset:
-        replay, replay_stats = build_pretrain_dataset(
-            config.replay_dataset, tokenizer, config.block_size, text_field=config.text_field,
-            cache_dir=cache, num_proc=config.preprocessing_num_workers, console=console,
+        replay, replay_stats = pack(
+            config.replay_dataset, sentence_shuffles=config.replay_sentence_shuffles,
             skip_subjects_of=config.dataset if config.replay_skip_subjects else None,
-            sentence_shuffles=config.replay_sentence_shuffles, seed=config.training.get("seed", 42),
         )
-        dataset, mix = mix_replay(dataset, replay, config.replay_ratio, seed=config.training.get("seed", 42))
+        dataset, mix = mix_replay(dataset, replay, config.replay_ratio, seed=seed)
         summary["replay"] = {**replay_stats.to_dict(), **mix}
         console.print(f"Replay: {mix['replay_blocks']} blocks of general text mixed with "
                       f"{mix['train_blocks']} new blocks each epoch (ratio {config.replay_ratio}), drawn "
