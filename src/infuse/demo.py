@@ -47,7 +47,11 @@ class DemoSettings:
     pretrain_lr: float = 3e-3
     pretrain_shuffles: int = 3
     """Sentence-shuffled copies of each corpus document (``sentence_shuffles``): facts stored this way
-    can be recalled outside the sentence order they were read in."""
+    can be recalled outside the sentence order they were read in. The base model's replay pool during
+    infusion has as many (``replay_sentence_shuffles``): replaying the corpus only in its documents'
+    own order, it forgot old facts asked outside that order, as the probes ask them. The chat model's
+    pool has none: there the copies would outnumber its chat data, and with them it kept a re-engined
+    ship's old maker."""
     sft_epochs: int = 20
     sft_lr: float = 3e-3
     infuse_epochs: int = 15
@@ -64,12 +68,6 @@ class DemoSettings:
     replay_ratio: float = 0.8
     """Share of replay blocks (the world's corpus; for the chat model its chat data too) in each epoch
     of infusion, against forgetting: the pages are few, so most of each epoch rehearses."""
-    base_replay_shuffles: int = 3
-    """Sentence-shuffled copies of each corpus document in the base model's replay pool, as many as
-    it was pretrained with (``replay_sentence_shuffles``). Replaying the corpus only in its
-    documents' own order, the base forgot old facts asked outside that order, as the probes ask
-    them. The chat model gets none: in its pool the copies would outnumber its chat data, and with
-    them it kept a re-engined ship's old maker."""
     replay_skip_subjects: bool = True
     """Leave out replay documents about what the pages change, so replay does not restate stale facts."""
     max_new_tokens: int = 48
@@ -110,7 +108,7 @@ def run_demo(
         models = {"base": base, "chat": chat} if base else build_models(out, world_dir, settings, stages)
         docs = stages.run("ingest pages", lambda: ingest_pages(world_dir / "news", out / "news.jsonl", console))
         for name, path in models.items():
-            replay_shuffles = settings.base_replay_shuffles if name == "base" else 0
+            replay_shuffles = settings.pretrain_shuffles if name == "base" else 0
             config = infuse_config(path, out / f"{name}-infused", docs, replay_for(name, world_dir), settings,
                                    replay_shuffles)
             stages.run(f"infuse {name}", lambda config=config: train_once(config, console))
