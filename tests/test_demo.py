@@ -58,6 +58,19 @@ def test_replay_leaves_out_what_the_pages_change(demo):
         assert replay["documents_skipped_for_subjects"] >= len(world["updated"]) * world["docs_per_family"]
 
 
+def test_the_base_model_rehearses_the_corpus_as_it_was_pretrained(demo):
+    """The base model replays the corpus with as many shuffled copies as it was pretrained on, and
+    its copies move opening phrases; the chat model's replay holds its chat data, without copies."""
+    run = {name: json.loads((demo / name / "infuse_run.json").read_text())
+           for name in ("base", "base-infused", "chat-infused")}
+    pretrained_with = run["base"]["config"]["sentence_shuffles"]
+    assert pretrained_with > 0
+    assert run["base-infused"]["config"]["replay_sentence_shuffles"] == pretrained_with
+    assert run["base-infused"]["data"]["replay"]["shuffled_copies"] > 0
+    assert run["base-infused"]["config"]["move_openers"] and not run["chat-infused"]["config"]["move_openers"]
+    assert run["chat-infused"]["data"]["replay"]["shuffled_copies"] == 0
+
+
 def test_the_infused_chat_model_keeps_its_manners(demo):
     report = json.loads((demo / "report" / "report.json").read_text())
     assert accuracy(report, "chat+infused", "general") >= accuracy(report, "chat", "general")

@@ -369,12 +369,12 @@ def test_sentence_shuffled_copies_hold_the_same_sentences_in_new_orders(tokenize
     from infuse.data.pretrain import shuffled_copies, split_sentences
 
     text = "Title line\nFirst fact here. Second fact there! Third one? Fourth."
-    copies = shuffled_copies([text, "Only one sentence."], copies=3, seed=0)
-    assert len(copies) == 3  # the one-sentence text has nothing to reorder
+    copies, moved = shuffled_copies([text, "Only one sentence."], copies=3, seed=0)
+    assert len(copies) == 3 and moved == 0  # the one-sentence text has nothing to reorder
     for shuffled in copies:
         assert sorted(split_sentences(shuffled)) == sorted(split_sentences(text))
     assert len(set(copies)) > 1
-    assert shuffled_copies([text], 3, seed=0) == copies  # seeded
+    assert shuffled_copies([text], 3, seed=0) == (copies, 0)  # seeded
 
     path = tmp_path / "docs.jsonl"
     path.write_text(json.dumps({"text": text}) + "\n")
@@ -383,3 +383,39 @@ def test_sentence_shuffled_copies_hold_the_same_sentences_in_new_orders(tokenize
                                               sentence_shuffles=2)
     assert more_stats.documents == 3 and more_stats.shuffled_copies == 2
     assert more_stats.fingerprint != plain_stats.fingerprint
+
+
+@pytest.mark.parametrize("sentence, moved", [
+    ("From this week, the ship is powered by Sundgren, as planned.",
+     "The ship is powered by Sundgren, as planned from this week."),
+    ("If it rains, the ferry waits!", "The ferry waits if it rains!"),
+    ("Ardlow, the port, is small.", None),  # a name, not an opening phrase
+    ("In Quillhaven, the ship waits.", None),  # a name inside the phrase
+    ("After a long winter in the yard, the ship is back.", None),  # more than four words
+    ("Hello, World.", None),
+    ("Today the ship sails.", None),
+])
+def test_an_opening_phrase_moves_to_the_end_of_its_sentence(sentence, moved):
+    from infuse.data.pretrain import move_opener
+
+    lowercase = {"from", "if", "in", "after", "hello", "today"}
+    assert move_opener(sentence, lowercase) == (moved or sentence)
+
+
+def test_shuffled_copies_move_openers_in_some_sentences_only(tokenizer, tmp_path):
+    from infuse.data.pretrain import shuffled_copies, split_sentences
+
+    text = "From this week, the ship uses Sundgren engines. The ship is based in Quillhaven. It is from Dunmere."
+    copies, moved = shuffled_copies([text], copies=20, seed=0, move_openers=True)
+    sentences = [s for copy in copies for s in split_sentences(copy)]
+    assert 0 < moved < 20 and sentences.count("The ship uses Sundgren engines from this week.") == moved
+    assert sentences.count(split_sentences(text)[0]) == 20 - moved
+    assert sentences.count("The ship is based in Quillhaven.") == 20
+    assert shuffled_copies([text], copies=20, seed=0)[0] != copies
+
+    path = tmp_path / "docs.jsonl"
+    path.write_text(json.dumps({"text": text}) + "\n")
+    stats = [build_pretrain_dataset([path], tokenizer, 32, sentence_shuffles=2, seed=1, move_openers=move)[1]
+             for move in (False, True)]
+    assert stats[0].fingerprint != stats[1].fingerprint
+    assert stats[0].openers_moved == 0 and stats[1].openers_moved > 0

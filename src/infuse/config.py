@@ -79,6 +79,10 @@ class TrainConfig:
         "pt: add this many copies of every training document with its sentences in a new random order, so "
         "each fact is learned in several contexts instead of as one memorized sequence (replay data gets "
         "replay_sentence_shuffles instead).", 0)
+    move_openers: bool = _help(
+        "pt: in the sentence-shuffled copies (training and replay), move a short opening phrase to the end "
+        "of half the sentences ('From this week, the ship uses X.' -> 'The ship uses X from this week.'), so "
+        "a fact is also read starting from what it is about, as questions ask for it.", False)
     isolate_documents: bool = _help(
         "pt: each token attends only to its own document within a block (position ids restart after "
         "every EOS, as in Llama 3 pretraining); false lets attention cross document boundaries, as "

@@ -60,6 +60,13 @@ class DemoSettings:
     """Sentence-shuffled copies of each page. With 20 instead of 10 the hand-written world's chat model
     named the new maker of every re-engined ship over four training seeds (with 10, 10 of 16 over
     eight seeds), at twice the steps."""
+    base_move_openers: bool = True
+    """In the base model's shuffled copies, move a short opening phrase to the end of half the
+    sentences (``move_openers``). The hand-written world's base model read "From this week, the
+    Thistle Rose is powered by engines from Sundgren" and went on completing "The Thistle Rose is
+    powered by engines from" with the old maker: right on one of four training seeds, three of four
+    with the phrases moved. The chat model's copies keep them: moved, it named the Teal Queen's old
+    maker on two of the four seeds (none without)."""
     infuse_swa_start: float | None = 0.5
     """Save the mean of the adapter's weights over the second half of infusion (``swa_start``): the
     last step's weights are one noisy draw, and whether a fact read in five pages comes out right
@@ -108,9 +115,7 @@ def run_demo(
         models = {"base": base, "chat": chat} if base else build_models(out, world_dir, settings, stages)
         docs = stages.run("ingest pages", lambda: ingest_pages(world_dir / "news", out / "news.jsonl", console))
         for name, path in models.items():
-            replay_shuffles = settings.pretrain_shuffles if name == "base" else 0
-            config = infuse_config(path, out / f"{name}-infused", docs, replay_for(name, world_dir), settings,
-                                   replay_shuffles)
+            config = infuse_config(name, path, out / f"{name}-infused", docs, world_dir, settings)
             stages.run(f"infuse {name}", lambda config=config: train_once(config, console))
         specs = {**models, **{f"{name}+infused": f"{path}+{out / f'{name}-infused'}" for name, path in models.items()}}
         runs = {name: out / name for name in ("base", "chat")} | {f"{n}+infused": out / f"{n}-infused" for n in models}
@@ -269,19 +274,19 @@ def sft_config(out: Path, world_dir: Path, settings: DemoSettings) -> TrainConfi
     )
 
 
-def replay_for(name: str, world_dir: Path) -> list[Path]:
-    """What each model rehearses while it learns the pages: the general corpus, and for the chat
-    model its own chat data too (rendered in its chat template), so it keeps answering in turns
-    and stopping at end-of-turn instead of drifting into document prose."""
-    replay = [world_dir / "pretrain.jsonl"]
-    return replay + [world_dir / "sft.jsonl"] if name == "chat" else replay
-
-
 def infuse_config(
-    model: str, output_dir: Path, docs: Path, replay: list[Path], settings: DemoSettings, replay_shuffles: int = 0
+    name: str, model: str, output_dir: Path, docs: Path, world_dir: Path, settings: DemoSettings
 ) -> TrainConfig:
-    """QLoRA continued pretraining on the ingested pages, with ``replay`` (and ``replay_shuffles``
-    sentence-shuffled copies of its documents) mixed in."""
+    """QLoRA continued pretraining of model ``name`` ("base" or "chat") on the ingested pages.
+
+    Both rehearse the world's corpus while they learn, and the chat model its own chat data too
+    (rendered in its chat template), so it keeps answering in turns and stopping at end-of-turn
+    instead of drifting into document prose. The base model replays the corpus with as many
+    sentence-shuffled copies as it was pretrained with, and its shuffled copies move opening phrases
+    (see ``DemoSettings``).
+    """
+    is_base = name == "base"
+    replay = [world_dir / "pretrain.jsonl"] + ([] if is_base else [world_dir / "sft.jsonl"])
     return config_from_dict(
         {
             **common(output_dir, output_dir.parent / "cache"),
@@ -295,9 +300,10 @@ def infuse_config(
             "replay_dataset": [str(path) for path in replay],
             "replay_ratio": settings.replay_ratio,
             "replay_skip_subjects": settings.replay_skip_subjects,
-            "replay_sentence_shuffles": replay_shuffles,
+            "replay_sentence_shuffles": settings.pretrain_shuffles if is_base else 0,
             "num_train_epochs": settings.infuse_epochs,
             "sentence_shuffles": settings.infuse_shuffles,
+            "move_openers": settings.base_move_openers and is_base,
             "swa_start": settings.infuse_swa_start,
             "per_device_train_batch_size": 4,
             "learning_rate": settings.infuse_lr,

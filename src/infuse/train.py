@@ -126,7 +126,7 @@ def build_pretrain_data(config: TrainConfig, tokenizer, console: Console) -> Tra
     def pack(sources: list[str], **options):
         return build_pretrain_dataset(sources, tokenizer, config.block_size, text_field=config.text_field,
                                       cache_dir=cache_dir(config), num_proc=config.preprocessing_num_workers,
-                                      console=console, seed=seed, **options)
+                                      console=console, seed=seed, move_openers=config.move_openers, **options)
 
     dataset, stats = pack(config.dataset, sentence_shuffles=config.sentence_shuffles)
     summary = {"train": stats.to_dict()}

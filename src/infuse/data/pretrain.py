@@ -63,6 +63,8 @@ class PackStats:
     """Documents with no text but whitespace: they add nothing and are counted here."""
     shuffled_copies: int = 0
     """Documents among ``documents`` that are sentence-shuffled copies (``sentence_shuffles``)."""
+    openers_moved: int = 0
+    """Sentences of those copies whose opening phrase went to their end (``move_openers``)."""
     skipped_subjects: list[str] = field(default_factory=list)
     """Words whose documents were left out (``replay_skip_subjects``)."""
     documents_skipped_for_subjects: int = 0
@@ -76,6 +78,7 @@ class PackStats:
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 WORD = re.compile(r"\w+")
+OPENER = re.compile(r"(?P<opener>\w+(?: [a-z0-9]\w*){0,3}), (?P<rest>[a-z].*?)(?P<end>[.!?]?)$")
 SUBJECT_MAX_SHARE = 0.2
 """A subject is named by at most this share of the replay documents: a particular product or
 place, not the general topic both corpora share."""
@@ -171,16 +174,20 @@ class Conversation(str):
     copies of it)."""
 
 
-def shuffled_copies(texts: list[str], copies: int, seed: int = 0) -> list[str]:
-    """``copies`` versions of each text with its sentences in a new random order (seeded).
+def shuffled_copies(texts: list[str], copies: int, seed: int = 0,
+                    move_openers: bool = False) -> tuple[list[str], int]:
+    """``copies`` versions of each text with its sentences in a new random order (seeded), and how
+    many of their sentences had an opening phrase moved.
 
     A fact read once in one context is easily stored as "what comes after that context"; read in
     several orders, it has to be tied to the words of its own sentence, which is how a question
     later asks for it. Texts of a single sentence have nothing to reorder and get no copies;
-    conversations get none either.
+    conversations get none either. With ``move_openers``, each sentence of a copy has even odds of
+    having its opening phrase moved to its end (see ``move_opener``).
     """
     rng = random.Random(seed)
-    out = []
+    lowercase = lowercase_words(texts) if move_openers else set()
+    out, moved = [], 0
     for text in texts:
         sentences = split_sentences(text)
         if len(sentences) < 2 or isinstance(text, Conversation):
@@ -188,8 +195,33 @@ def shuffled_copies(texts: list[str], copies: int, seed: int = 0) -> list[str]:
         for _ in range(copies):
             order = sentences[:]
             rng.shuffle(order)
+            if move_openers:
+                reworded = [move_opener(s, lowercase) if rng.random() < 0.5 else s for s in order]
+                moved += sum(new != old for new, old in zip(reworded, order, strict=True))
+                order = reworded
             out.append(join_sentences(order))
-    return out
+    return out, moved
+
+
+def move_opener(sentence: str, lowercase: set[str]) -> str:
+    """The sentence with a short phrase before its first comma moved to its end: "From this week,
+    the ship is powered by X." becomes "The ship is powered by X from this week."
+
+    A fact read only after such a phrase is stored as what follows the phrase, and is not recalled
+    when a question starts from what the fact is about. Only phrases of up to four words whose
+    first word also appears in lower case in ``lowercase`` (so not a name: "Ardlow, the port, ...")
+    and whose other words are lower case or numbers move, and only before a lower-case word, so
+    the meaning stays: "If it rains, the ferry waits." becomes "The ferry waits if it rains."
+    """
+    match = OPENER.match(sentence)
+    if not match or match["opener"].split()[0].lower() not in lowercase:
+        return sentence
+    opener, rest, end = match["opener"], match["rest"], match["end"]
+    return f"{rest[0].upper()}{rest[1:]} {opener[0].lower()}{opener[1:]}{end}"
+
+
+def lowercase_words(texts: list[str]) -> set[str]:
+    return {word for text in texts for word in WORD.findall(text) if word.islower()}
 
 
 def split_sentences(text: str) -> list[str]:
@@ -350,11 +382,11 @@ def document_positions(input_ids: torch.Tensor, separator: int) -> torch.Tensor:
 
 def data_fingerprint(sources: list[str | Path], tokenizer, block_size: int, text_field: str = "text",
                      sentence_shuffles: int = 0, seed: int = 0,
-                     skip_subjects_of: list[str | Path] | None = None) -> str:
+                     skip_subjects_of: list[str | Path] | None = None, move_openers: bool = False) -> str:
     """16 hex digits that change when the blocks would: the sources' contents (in order, with how
     each file is read), the tokenizer and its separators, ``block_size``, ``text_field``, the
     shuffled copies asked for, the documents whose subjects are left out, the format."""
-    shuffles = f"{sentence_shuffles}:{seed}" if sentence_shuffles else "0"
+    shuffles = f"{sentence_shuffles}:{seed}{':openers' * move_openers}" if sentence_shuffles else "0"
     digest = hashlib.sha256(f"infuse-pretrain v{FORMAT_VERSION}|{block_size}|{text_field}|{shuffles}|".encode())
     for path in source_files(sources):
         digest.update(f"{path.suffix.lower()}:{_file_sha256(path)}|".encode())
@@ -396,19 +428,21 @@ def build_pretrain_dataset(
     sentence_shuffles: int = 0,
     seed: int = 0,
     skip_subjects_of: list[str | Path] | None = None,
+    move_openers: bool = False,
 ) -> tuple[Dataset, PackStats]:
     """Blocks of ``sources`` for pretraining, from the cache when the inputs are unchanged.
 
     ``sentence_shuffles`` adds that many copies of every document with its sentences in a new
-    order (see ``shuffled_copies``). Documents that name a subject of the documents in
-    ``skip_subjects_of`` are left out and counted (see ``subjects_of``).
+    order, and ``move_openers`` rewords some of their sentences (see ``shuffled_copies``).
+    Documents that name a subject of the documents in ``skip_subjects_of`` are left out and counted
+    (see ``subjects_of``).
 
     Without ``cache_dir`` the data is always packed anew. The counts are printed to ``console``
     (a new one when None) and, with a cache, saved next to the blocks as ``stats.json``.
     """
     console = console or Console()
     fingerprint = data_fingerprint(sources, tokenizer, block_size, text_field, sentence_shuffles, seed,
-                                   skip_subjects_of)
+                                   skip_subjects_of, move_openers)
     cached = Path(cache_dir) / f"pretrain-{fingerprint}" if cache_dir else None
     if cached is not None and cached.is_dir():
         dataset, stats = load_packed(cached)
@@ -421,9 +455,10 @@ def build_pretrain_dataset(
         if subjects:  # otherwise no text is scanned: the corpus may be large
             mentioned = mentions_of(subjects)
             kept = [text for text in texts if not mentioned.search(text)]
-        copies = shuffled_copies(kept, sentence_shuffles, seed)
+        copies, moved = shuffled_copies(kept, sentence_shuffles, seed, move_openers)
         dataset, stats = pack_documents(kept + copies, tokenizer, block_size, num_proc)
         stats.shuffled_copies = len(copies)
+        stats.openers_moved = moved
         stats.skipped_subjects = subjects
         stats.documents_skipped_for_subjects = len(texts) - len(kept)
         stats.fingerprint = fingerprint
@@ -463,7 +498,9 @@ def report_pack_stats(stats: PackStats, console: Console) -> None:
         highlight=False,
     )
     if stats.shuffled_copies:
-        console.print(f"Of those documents, {stats.shuffled_copies:,} are sentence-shuffled copies.", highlight=False)
+        moved = f" ({stats.openers_moved:,} sentences with their opening phrase moved)" if stats.openers_moved else ""
+        console.print(f"Of those documents, {stats.shuffled_copies:,} are sentence-shuffled copies{moved}.",
+                      highlight=False)
     if stats.documents_skipped_for_subjects:
         console.print(f"Left out {stats.documents_skipped_for_subjects:,} documents that name a subject of the "
                       f"new documents ({', '.join(stats.skipped_subjects)}): replay_skip_subjects.",
