@@ -78,7 +78,7 @@ class PackStats:
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 WORD = re.compile(r"\w+")
-OPENER = re.compile(r"(?P<opener>\w+(?: [a-z0-9]\w*){0,3}), (?P<rest>[a-z].*?)(?P<end>[.!?]?)$")
+OPENER = re.compile(r"(?P<opener>(?P<first>\w+)(?: [a-z0-9]\w*){0,3}), (?P<rest>[a-z].*?)(?P<end>[.!?]?)$")
 SUBJECT_MAX_SHARE = 0.2
 """A subject is named by at most this share of the replay documents: a particular product or
 place, not the general topic both corpora share."""
@@ -214,7 +214,7 @@ def move_opener(sentence: str, lowercase: set[str]) -> str:
     the meaning stays: "If it rains, the ferry waits." becomes "The ferry waits if it rains."
     """
     match = OPENER.match(sentence)
-    if not match or match["opener"].split()[0].lower() not in lowercase:
+    if not match or match["first"].lower() not in lowercase:
         return sentence
     opener, rest, end = match["opener"], match["rest"], match["end"]
     return f"{rest[0].upper()}{rest[1:]} {opener[0].lower()}{opener[1:]}{end}"
