@@ -120,7 +120,7 @@ def test_replay_is_drawn_afresh_each_epoch(pretrained, small_corpus, shared_data
     config = config_from_dict({
         "model_name_or_path": str(pretrained["dir"]), "dataset": [str(small_corpus)], "finetuning_type": "lora",
         "replay_dataset": [str(shared_data / "wiki_demo.txt")], "replay_ratio": 0.2, "block_size": 64,
-        "replay_sentence_shuffles": 1,
+        "replay_sentence_shuffles": 1, "move_openers": True,
         "num_train_epochs": 3, "max_steps": -1, "per_device_train_batch_size": 16, "save_steps": 1000,
         "output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"), "report_to": "none",
     })
@@ -130,6 +130,7 @@ def test_replay_is_drawn_afresh_each_epoch(pretrained, small_corpus, shared_data
     assert mix["replay_available"] >= 3 * mix["replay_blocks"], "wiki_demo has room for three distinct epochs"
     assert not (picks.epochs[0] & picks.epochs[1]) and not (picks.epochs[1] & picks.epochs[2])
     assert mix["shuffled_copies"] > 0 and mix["documents"] > mix["shuffled_copies"]
+    assert mix["openers_moved"] > 0  # the run's move_openers reaches the replay copies
 
 
 def test_seed_knowledge_recipe_runs_on_a_tiny_llama(tiny_llama_config_path, tokenizer_dir, small_corpus, tmp_path):
