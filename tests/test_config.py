@@ -77,6 +77,13 @@ def test_sentence_shuffles_are_a_number_of_copies():
                 config_from_dict({**MINIMAL, name: bad})
 
 
+def test_switches_take_true_or_false_only():
+    assert config_from_dict({**MINIMAL, "move_openers": True, "packing": False}).move_openers
+    for bad in ("false", 0, None):
+        with pytest.raises(InfuseError, match="move_openers: expected true or false"):
+            config_from_dict({**MINIMAL, "move_openers": bad})
+
+
 def test_invalid_yaml_names_the_line(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("stage: pt\nmodel_config: [unclosed\n")

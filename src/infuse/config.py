@@ -301,6 +301,10 @@ def _validate(config: TrainConfig) -> list[str]:
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             errors.append(f"{name}: expected a number of copies (0 or more), got {value!r}.")
+    for switch in dataclasses.fields(TrainConfig):
+        value = getattr(config, switch.name)
+        if switch.type == "bool" and not isinstance(value, bool):  # a quoted 'false' would read as true
+            errors.append(f"{switch.name}: expected true or false, got {value!r}.")
     if not 0 <= config.replay_ratio < 1:
         errors.append(f"replay_ratio: expected a number in [0, 1), got {config.replay_ratio!r}.")
     if config.swa_start is not None and not (isinstance(config.swa_start, float | int) and 0 <= config.swa_start < 1):
