@@ -71,6 +71,12 @@ def test_the_base_model_rehearses_the_corpus_as_it_was_pretrained(demo):
     assert run["chat-infused"]["data"]["replay"]["shuffled_copies"] == 0
 
 
+def test_only_the_chat_model_reads_the_pages_as_chat_turns(demo):
+    runs = {name: json.loads((demo / f"{name}-infused" / "infuse_run.json").read_text()) for name in ("base", "chat")}
+    turns = {name: run["data"]["train"]["sentence_turns"] for name, run in runs.items()}
+    assert turns["base"] == 0 and turns["chat"] > 0
+
+
 def test_the_infused_chat_model_keeps_its_manners(demo):
     report = json.loads((demo / "report" / "report.json").read_text())
     assert accuracy(report, "chat+infused", "general") >= accuracy(report, "chat", "general")

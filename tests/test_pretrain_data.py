@@ -419,3 +419,37 @@ def test_shuffled_copies_move_openers_in_some_sentences_only(tokenizer, tmp_path
              for move in (False, True)]
     assert stats[0].fingerprint != stats[1].fingerprint
     assert stats[0].openers_moved == 0 and stats[1].openers_moved > 0
+
+
+def test_sentence_turns_answer_a_general_request_with_each_sentence(tokenizer, tmp_path):
+    from infuse.data.pretrain import TURN_REQUESTS, sentence_turns
+
+    text = ("Fleet news\nFrom this week, the ship is powered by Sundgren engines. Short one. "
+            "It sails from Ardlow at noon.")
+    turns = sentence_turns([text], 4, tokenizer, seed=0)
+    assert len(turns) == 8  # two sentences of five words or more, four turns each; not the title
+    answers = [turn.split("<|im_start|>assistant\n")[1].split("<|im_end|>")[0] for turn in turns]
+    assert set(answers) == {"From this week, the ship is powered by Sundgren engines.",
+                            "The ship is powered by Sundgren engines from this week.",
+                            "It sails from Ardlow at noon."}
+    assert all(any(f"user\n{request}<|im_end|>" in turn for request in TURN_REQUESTS) for turn in turns)
+    assert sentence_turns([text], 4, tokenizer, seed=0) == turns and sentence_turns([text], 0, tokenizer) == []
+
+    path = tmp_path / "docs.jsonl"
+    path.write_text(json.dumps({"text": text}) + "\n")
+    plain, with_turns = (build_pretrain_dataset([path], tokenizer, 32, sentence_shuffles=1, turns=turns)[1]
+                         for turns in (0, 2))
+    assert with_turns.sentence_turns == 4 and with_turns.documents == plain.documents + 4
+    assert with_turns.shuffled_copies == plain.shuffled_copies == 1  # turns get no shuffled copies
+    assert with_turns.fingerprint != plain.fingerprint
+
+
+def test_sentence_turns_need_a_chat_template(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from infuse.data.pretrain import sentence_turns
+
+    plain = AutoTokenizer.from_pretrained(tokenizer_dir)
+    plain.chat_template = None
+    with pytest.raises(InfuseError, match="sentence_turns: the tokenizer has no chat template"):
+        sentence_turns(["The ship is powered by Sundgren engines."], 1, plain)

@@ -83,6 +83,11 @@ class TrainConfig:
         "pt: in the sentence-shuffled copies (training and replay), move a short opening phrase to the end "
         "of half the sentences ('From this week, the ship uses X.' -> 'The ship uses X from this week.'), so "
         "a fact is also read starting from what it is about, as questions ask for it.", False)
+    sentence_turns: int = _help(
+        "pt, chat models: add this many chat conversations for each sentence of the training documents, a "
+        "general request ('Tell me something you know.') answered by the sentence in the tokenizer's chat "
+        "template, so the model also says the new facts at the start of its own turn, where it answers "
+        "questions, and not only inside documents.", 0)
     isolate_documents: bool = _help(
         "pt: each token attends only to its own document within a block (position ids restart after "
         "every EOS, as in Llama 3 pretraining); false lets attention cross document boundaries, as "
@@ -297,7 +302,7 @@ def _validate(config: TrainConfig) -> list[str]:
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             errors.append(f"{name}: expected a positive integer, got {value!r}.")
-    for name in ("sentence_shuffles", "replay_sentence_shuffles"):
+    for name in ("sentence_shuffles", "replay_sentence_shuffles", "sentence_turns"):
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             errors.append(f"{name}: expected a number of copies (0 or more), got {value!r}.")

@@ -67,6 +67,10 @@ class DemoSettings:
     powered by engines from" with the old maker: right on one of four training seeds, three of four
     with the phrases moved. The chat model's copies keep them: moved, it named the Teal Queen's old
     maker on two of the four seeds (none without)."""
+    chat_sentence_turns: int = 5
+    """Chat turns made of each page sentence for the chat model (``sentence_turns``). Asked about a
+    re-engined ship, the hand-written world's chat model gave the maker its chat data had taught it,
+    while the same infused model completed the page's sentence with the new maker."""
     infuse_swa_start: float | None = 0.5
     """Save the mean of the adapter's weights over the second half of infusion (``swa_start``): the
     last step's weights are one noisy draw, and whether a fact read in five pages comes out right
@@ -282,8 +286,9 @@ def infuse_config(
     Both rehearse the world's corpus while they learn, and the chat model its own chat data too
     (rendered in its chat template), so it keeps answering in turns and stopping at end-of-turn
     instead of drifting into document prose. The base model replays the corpus with as many
-    sentence-shuffled copies as it was pretrained with, and its shuffled copies move opening phrases
-    (see ``DemoSettings``).
+    sentence-shuffled copies as it was pretrained with, and its shuffled copies move opening phrases;
+    the chat model also reads each page sentence as its answer in a few chat turns (see
+    ``DemoSettings``).
     """
     is_base = name == "base"
     replay = [world_dir / "pretrain.jsonl"] + ([] if is_base else [world_dir / "sft.jsonl"])
@@ -304,6 +309,7 @@ def infuse_config(
             "num_train_epochs": settings.infuse_epochs,
             "sentence_shuffles": settings.infuse_shuffles,
             "move_openers": settings.base_move_openers and is_base,
+            "sentence_turns": 0 if is_base else settings.chat_sentence_turns,
             "swa_start": settings.infuse_swa_start,
             "per_device_train_batch_size": 4,
             "learning_rate": settings.infuse_lr,

@@ -128,7 +128,7 @@ def build_pretrain_data(config: TrainConfig, tokenizer, console: Console) -> Tra
                                       cache_dir=cache_dir(config), num_proc=config.preprocessing_num_workers,
                                       console=console, seed=seed, move_openers=config.move_openers, **options)
 
-    dataset, stats = pack(config.dataset, sentence_shuffles=config.sentence_shuffles)
+    dataset, stats = pack(config.dataset, sentence_shuffles=config.sentence_shuffles, turns=config.sentence_turns)
     summary = {"train": stats.to_dict()}
     fingerprint = stats.fingerprint
     if config.replay_dataset:

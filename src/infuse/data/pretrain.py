@@ -65,6 +65,8 @@ class PackStats:
     """Documents among ``documents`` that are sentence-shuffled copies (``sentence_shuffles``)."""
     openers_moved: int = 0
     """Sentences of those copies whose opening phrase went to their end (``move_openers``)."""
+    sentence_turns: int = 0
+    """Documents among ``documents`` that are chat turns of one sentence (``sentence_turns``)."""
     skipped_subjects: list[str] = field(default_factory=list)
     """Words whose documents were left out (``replay_skip_subjects``)."""
     documents_skipped_for_subjects: int = 0
@@ -79,6 +81,9 @@ class PackStats:
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 WORD = re.compile(r"\w+")
 OPENER = re.compile(r"(?P<opener>(?P<first>\w+)(?: [a-z0-9]\w*){0,3}), (?P<rest>[a-z].*?)(?P<end>[.!?]?)$")
+TURN_REQUESTS = ("Tell me something you know.", "What can you tell me?", "Share a fact with me.", "What do you know?")
+"""The user's side of a sentence turn: requests that ask for no fact in particular."""
+MIN_TURN_WORDS = 5  # a title or a menu entry is not a statement worth a turn
 SUBJECT_MAX_SHARE = 0.2
 """A subject is named by at most this share of the replay documents: a particular product or
 place, not the general topic both corpora share."""
@@ -201,6 +206,40 @@ def shuffled_copies(texts: list[str], copies: int, seed: int = 0,
                 order = reworded
             out.append(join_sentences(order))
     return out, moved
+
+
+def sentence_turns(texts: list[str], turns: int, tokenizer, seed: int = 0) -> list[Conversation]:
+    """``turns`` conversations for each sentence of ``texts``: a request from ``TURN_REQUESTS``
+    answered by the sentence, rendered in the tokenizer's chat template; in half of them the
+    sentence has its opening phrase moved to its end (see ``move_opener``).
+
+    A chat model answers from what it learned to say at the start of its own turn. Having read a
+    new fact only inside documents, it completes the document's sentence with the new fact but,
+    asked in a chat, still gives what its chat data told it (a re-engined ship's old maker). Said
+    once as an answer, the fact is there when a turn starts. Only sentences of at least
+    ``MIN_TURN_WORDS`` words that end in . ! or ? become turns; conversations become none.
+    """
+    if not turns:
+        return []
+    if not tokenizer.chat_template:
+        raise InfuseError("sentence_turns: the tokenizer has no chat template, and sentence turns are chat "
+                          "conversations. Use them with a chat model, or set sentence_turns: 0.")
+    template = resolve_template(tokenizer)
+    rng = random.Random(seed)
+    lowercase = lowercase_words(texts)
+    out = []
+    for text in texts:
+        if isinstance(text, Conversation):
+            continue
+        for sentence in split_sentences(text):
+            if len(sentence.split()) < MIN_TURN_WORDS or not sentence.endswith((".", "!", "?")):
+                continue
+            for _ in range(turns):
+                answer = move_opener(sentence, lowercase) if rng.random() < 0.5 else sentence
+                messages = [{"role": "user", "content": rng.choice(TURN_REQUESTS)},
+                            {"role": "assistant", "content": answer}]
+                out.append(Conversation(render(tokenizer, template, messages)))
+    return out
 
 
 def move_opener(sentence: str, lowercase: set[str]) -> str:
@@ -382,11 +421,13 @@ def document_positions(input_ids: torch.Tensor, separator: int) -> torch.Tensor:
 
 def data_fingerprint(sources: list[str | Path], tokenizer, block_size: int, text_field: str = "text",
                      sentence_shuffles: int = 0, seed: int = 0,
-                     skip_subjects_of: list[str | Path] | None = None, move_openers: bool = False) -> str:
+                     skip_subjects_of: list[str | Path] | None = None, move_openers: bool = False,
+                     turns: int = 0) -> str:
     """16 hex digits that change when the blocks would: the sources' contents (in order, with how
     each file is read), the tokenizer and its separators, ``block_size``, ``text_field``, the
     shuffled copies asked for, the documents whose subjects are left out, the format."""
     shuffles = f"{sentence_shuffles}:{seed}{':openers' * move_openers}" if sentence_shuffles else "0"
+    shuffles += f"|turns {turns}:{seed}" if turns else ""
     digest = hashlib.sha256(f"infuse-pretrain v{FORMAT_VERSION}|{block_size}|{text_field}|{shuffles}|".encode())
     for path in source_files(sources):
         digest.update(f"{path.suffix.lower()}:{_file_sha256(path)}|".encode())
@@ -429,11 +470,13 @@ def build_pretrain_dataset(
     seed: int = 0,
     skip_subjects_of: list[str | Path] | None = None,
     move_openers: bool = False,
+    turns: int = 0,
 ) -> tuple[Dataset, PackStats]:
     """Blocks of ``sources`` for pretraining, from the cache when the inputs are unchanged.
 
     ``sentence_shuffles`` adds that many copies of every document with its sentences in a new
-    order, and ``move_openers`` rewords some of their sentences (see ``shuffled_copies``).
+    order, and ``move_openers`` rewords some of their sentences (see ``shuffled_copies``); ``turns``
+    adds that many chat turns made of each sentence (see ``sentence_turns``).
     Documents that name a subject of the documents in ``skip_subjects_of`` are left out and counted
     (see ``subjects_of``).
 
@@ -442,7 +485,7 @@ def build_pretrain_dataset(
     """
     console = console or Console()
     fingerprint = data_fingerprint(sources, tokenizer, block_size, text_field, sentence_shuffles, seed,
-                                   skip_subjects_of, move_openers)
+                                   skip_subjects_of, move_openers, turns)
     cached = Path(cache_dir) / f"pretrain-{fingerprint}" if cache_dir else None
     if cached is not None and cached.is_dir():
         dataset, stats = load_packed(cached)
@@ -456,8 +499,10 @@ def build_pretrain_dataset(
             mentioned = mentions_of(subjects)
             kept = [text for text in texts if not mentioned.search(text)]
         copies, moved = shuffled_copies(kept, sentence_shuffles, seed, move_openers)
-        dataset, stats = pack_documents(kept + copies, tokenizer, block_size, num_proc)
+        conversations = sentence_turns(kept, turns, tokenizer, seed)
+        dataset, stats = pack_documents(kept + conversations + copies, tokenizer, block_size, num_proc)
         stats.shuffled_copies = len(copies)
+        stats.sentence_turns = len(conversations)
         stats.openers_moved = moved
         stats.skipped_subjects = subjects
         stats.documents_skipped_for_subjects = len(texts) - len(kept)
@@ -500,6 +545,9 @@ def report_pack_stats(stats: PackStats, console: Console) -> None:
     if stats.shuffled_copies:
         moved = f" ({stats.openers_moved:,} sentences with their opening phrase moved)" if stats.openers_moved else ""
         console.print(f"Of those documents, {stats.shuffled_copies:,} are sentence-shuffled copies{moved}.",
+                      highlight=False)
+    if stats.sentence_turns:
+        console.print(f"Of those documents, {stats.sentence_turns:,} are chat turns of one sentence each.",
                       highlight=False)
     if stats.documents_skipped_for_subjects:
         console.print(f"Left out {stats.documents_skipped_for_subjects:,} documents that name a subject of the "
