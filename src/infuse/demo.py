@@ -70,7 +70,9 @@ class DemoSettings:
     chat_sentence_turns: int = 5
     """Chat turns made of each page sentence for the chat model (``sentence_turns``). Asked about a
     re-engined ship, the hand-written world's chat model gave the maker its chat data had taught it,
-    while the same infused model completed the page's sentence with the new maker."""
+    while the same infused model completed the page's sentence with the new maker. Over six
+    training seeds the turns lifted its new ships from 14 to 18 of 18 and its re-engined ones from
+    8 to 10 of 12, and cut the old maker from 5 to 3 of 12, for 40% more steps."""
     infuse_swa_start: float | None = 0.5
     """Save the mean of the adapter's weights over the second half of infusion (``swa_start``): the
     last step's weights are one noisy draw, and whether a fact read in five pages comes out right

@@ -216,7 +216,7 @@ def sentence_turns(texts: list[str], turns: int, tokenizer, seed: int = 0) -> li
     A chat model answers from what it learned to say at the start of its own turn. Having read a
     new fact only inside documents, it completes the document's sentence with the new fact but,
     asked in a chat, still gives what its chat data told it (a re-engined ship's old maker). Said
-    once as an answer, the fact is there when a turn starts. Only sentences of at least
+    as an answer, the fact is there when a turn starts. Only sentences of at least
     ``MIN_TURN_WORDS`` words that end in . ! or ? become turns; conversations become none.
     """
     if not turns:
@@ -425,7 +425,8 @@ def data_fingerprint(sources: list[str | Path], tokenizer, block_size: int, text
                      turns: int = 0) -> str:
     """16 hex digits that change when the blocks would: the sources' contents (in order, with how
     each file is read), the tokenizer and its separators, ``block_size``, ``text_field``, the
-    shuffled copies asked for, the documents whose subjects are left out, the format."""
+    shuffled copies and sentence turns asked for, the documents whose subjects are left out, the
+    format."""
     shuffles = f"{sentence_shuffles}:{seed}{':openers' * move_openers}" if sentence_shuffles else "0"
     shuffles += f"|turns {turns}:{seed}" if turns else ""
     digest = hashlib.sha256(f"infuse-pretrain v{FORMAT_VERSION}|{block_size}|{text_field}|{shuffles}|".encode())
