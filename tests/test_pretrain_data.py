@@ -437,8 +437,8 @@ def test_sentence_turns_answer_a_general_request_with_each_sentence(tokenizer, t
 
     path = tmp_path / "docs.jsonl"
     path.write_text(json.dumps({"text": text}) + "\n")
-    plain, with_turns = (build_pretrain_dataset([path], tokenizer, 32, sentence_shuffles=1, turns=turns)[1]
-                         for turns in (0, 2))
+    plain, with_turns = (build_pretrain_dataset([path], tokenizer, 32, sentence_shuffles=1, turns=count)[1]
+                         for count in (0, 2))
     assert with_turns.sentence_turns == 4 and with_turns.documents == plain.documents + 4
     assert with_turns.shuffled_copies == plain.shuffled_copies == 1  # turns get no shuffled copies
     assert with_turns.fingerprint != plain.fingerprint

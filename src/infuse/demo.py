@@ -90,9 +90,10 @@ class DemoSettings:
 
 # Fewer, faster steps for CI: a higher infusion learning rate makes up for the fewer epochs. No
 # weight averaging: over six epochs at that rate, the chat model averaged over the second half
-# lost one of its three small-talk answers.
+# lost one of its three small-talk answers. Two chat turns per sentence: with five, the turns were
+# most of the chat model's pages and its infusion took three times as long.
 QUICK = DemoSettings(pretrain_epochs=10, sft_epochs=10, infuse_epochs=6, infuse_shuffles=5, infuse_lr=3e-3,
-                     infuse_swa_start=None)
+                     infuse_swa_start=None, chat_sentence_turns=2)
 
 
 def run_demo(
