@@ -78,6 +78,7 @@ class PackStats:
         return asdict(self)
 
 
+SENTENCE_MARKS = (".", "!", "?")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 WORD = re.compile(r"\w+")
 OPENER = re.compile(r"(?P<opener>(?P<first>\w+)(?: [a-z0-9]\w*){0,3}), (?P<rest>[a-z].*?)(?P<end>[.!?]?)$")
@@ -221,10 +222,11 @@ def sentence_turns(texts: list[str], turns: int, tokenizer, seed: int = 0) -> li
     """
     if not turns:
         return []
-    if not tokenizer.chat_template:
+    try:
+        template = resolve_template(tokenizer)
+    except InfuseError:  # its message names `template:`, which stage: pt does not read
         raise InfuseError("sentence_turns: the tokenizer has no chat template, and sentence turns are chat "
-                          "conversations. Use them with a chat model, or set sentence_turns: 0.")
-    template = resolve_template(tokenizer)
+                          "conversations. Use them with a chat model, or set sentence_turns: 0.") from None
     rng = random.Random(seed)
     lowercase = lowercase_words(texts)
     out = []
@@ -232,7 +234,7 @@ def sentence_turns(texts: list[str], turns: int, tokenizer, seed: int = 0) -> li
         if isinstance(text, Conversation):
             continue
         for sentence in split_sentences(text):
-            if len(sentence.split()) < MIN_TURN_WORDS or not sentence.endswith((".", "!", "?")):
+            if len(sentence.split()) < MIN_TURN_WORDS or not sentence.endswith(SENTENCE_MARKS):
                 continue
             for _ in range(turns):
                 answer = move_opener(sentence, lowercase) if rng.random() < 0.5 else sentence
@@ -270,7 +272,7 @@ def split_sentences(text: str) -> list[str]:
 
 def join_sentences(sentences: list[str]) -> str:
     """Sentences back into text: a space after a sentence, a line break after a line (a title)."""
-    return "".join(s + (" " if s.endswith((".", "!", "?")) else "\n") for s in sentences).strip()
+    return "".join(s + (" " if s.endswith(SENTENCE_MARKS) else "\n") for s in sentences).strip()
 
 
 def _read_text(path: Path) -> str:
