@@ -113,6 +113,19 @@ def test_pt_preflight_counts_blocks_and_checks_the_context(capsys, tiny_llama_co
     assert "Preflight failed" in out
 
 
+def test_a_model_built_from_a_config_shows_the_vocabulary_training_gives_it(capsys, tokenizer, tokenizer_dir,
+                                                                             shared_data, tmp_path, no_weights):
+    config = json.loads((REPO / "configs" / "tiny-llama.json").read_text())
+    small = tmp_path / "small-vocabulary.json"
+    small.write_text(json.dumps({**config, "vocab_size": 1000}))
+    code, out = preflight(capsys, REPO / "configs" / "tiny-llama-pretrain.yaml", "--model_config", str(small),
+                          "--tokenizer_name_or_path", str(tokenizer_dir),
+                          "--dataset", str(shared_data / "wiki_demo.txt"), "--block_size", "128",
+                          "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out"))
+    assert code == 0, out
+    assert f"vocabulary {len(tokenizer)} (1000 in {small}, grown to the tokenizer's)" in " ".join(out.split())
+
+
 def test_text_rows_that_never_train_an_end_of_turn_are_fatal(capsys, tiny_llama_dir, tmp_path):
     path = tmp_path / "plain.jsonl"
     path.write_text("".join(json.dumps({"text": f"Plain sentence number {i}."}) + "\n" for i in range(5)))

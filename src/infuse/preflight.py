@@ -26,7 +26,7 @@ from rich.text import Text
 
 from infuse.config import TrainConfig
 from infuse.errors import InfuseError
-from infuse.models import check_model_source, context_limit, load_tokenizer
+from infuse.models import check_model_source, context_limit, fit_to_tokenizer, load_tokenizer
 
 SHOWN_SAMPLES = 3
 SHOWN_HEAD, SHOWN_TAIL = 500, 250  # characters of a long sample shown before and after the cut
@@ -47,7 +47,7 @@ def preflight(config: TrainConfig, console: Console) -> bool:
     try:
         tokenizer = load_tokenizer(config)
         console.print(describe_tokenizer(tokenizer), highlight=False)
-        model_config = check_model(config, console, findings)
+        model_config = check_model(config, tokenizer, console, findings)
         if config.stage == "pt":
             max_id, samples = preflight_pretrain(config, tokenizer, console, findings)
         else:
@@ -83,27 +83,32 @@ def report(findings: Findings, console: Console) -> bool:
 # --- the model ------------------------------------------------------------------------------------
 
 
-def check_model(config: TrainConfig, console: Console, findings: Findings):
-    """The model's config (never its weights), its context checked against block_size/cutoff_len;
-    None when there is no usable model."""
+def check_model(config: TrainConfig, tokenizer, console: Console, findings: Findings):
+    """The model's config (never its weights) as training will use it, its context checked against
+    block_size/cutoff_len; None when there is no usable model."""
     try:
         source, model_config = check_model_source(config)
     except InfuseError as e:
         findings.problems.append(str(e))
         return None
+    configured = getattr(model_config, "vocab_size", None)
+    if config.model_config:  # training builds it with the tokenizer's vocabulary and special ids
+        fit_to_tokenizer(model_config, tokenizer)
+    vocabulary = f"vocabulary {getattr(model_config, 'vocab_size', None)}"
+    if model_config.vocab_size != configured:
+        vocabulary += f" ({configured} in {source}, grown to the tokenizer's)"
     key = "block_size" if config.stage == "pt" else "cutoff_len"
     name, limit = context_limit(model_config)
     console.print(f"Model: {model_config.model_type} from {source}; context {name} {limit} for {key} "
-                  f"{getattr(config, key)}; vocabulary {getattr(model_config, 'vocab_size', None)}.",
-                  highlight=False)
+                  f"{getattr(config, key)}; {vocabulary}.", highlight=False)
     return model_config
 
 
 def check_vocabulary(config: TrainConfig, model_config, max_token_id: int, findings: Findings) -> None:
-    """Every token id of the data must have an embedding in a model loaded from weights (a model
-    built from model_config grows its vocabulary to the tokenizer's)."""
+    """Every token id of the data must have an embedding in the model (one built from model_config
+    has the tokenizer's vocabulary, see ``check_model``)."""
     vocab = getattr(model_config, "vocab_size", None)
-    if config.model_config or vocab is None or max_token_id < vocab:
+    if vocab is None or max_token_id < vocab:
         return
     findings.problems.append(
         f"the data holds token id {max_token_id}, but the model's vocabulary has {vocab} entries (vocab_size "
