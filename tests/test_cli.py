@@ -93,3 +93,28 @@ def test_the_installed_command_exits_2_without_traceback(recipe):
     )
     assert done.returncode == 2
     assert "block_size 4096" in done.stderr and "Traceback" not in done.stderr
+
+
+def commands(parser) -> dict[str, object]:
+    """Every command of ``parser`` by its full name ('tokenizer train'), subcommands included."""
+    import argparse
+
+    found = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                nested = commands(sub)
+                found.update({f"{name} {inner}": p for inner, p in nested.items()} if nested else {name: sub})
+    return found
+
+
+def test_every_command_and_option_explains_itself():
+    from infuse.cli import build_parser
+
+    found = commands(build_parser())
+    assert {"tokenizer train", "ingest", "train", "preflight", "merge", "serve", "chat", "eval",
+            "probes make", "demo"} <= set(found)
+    for name, parser in found.items():
+        assert parser.description, f"infuse {name} has no description"
+        bare = [action.dest for action in parser._actions if not action.help and action.dest != "help"]
+        assert not bare, f"infuse {name}: no help for {bare}"

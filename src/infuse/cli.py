@@ -167,40 +167,52 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="infuse", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="infuse", description="Teach a causal language model new knowledge and show what it gained "
+        "and what it lost. `infuse COMMAND --help` describes each command.")
     parser.add_argument("--version", action="version", version=f"infuse {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     tok = commands.add_parser("tokenizer", help="tokenizer tools")
     tok = tok.add_subparsers(dest="action", required=True)
-    train_tok = tok.add_parser("train", help="train a byte-level BPE tokenizer")
+    train_tok = tok.add_parser("train", help="train a byte-level BPE tokenizer",
+                               description="Train a byte-level BPE tokenizer and save it as a transformers "
+                                           "tokenizer dir with a ChatML chat template.")
     train_tok.add_argument("--corpus", nargs="+", required=True, help="text, JSONL, JSON or Parquet files")
-    train_tok.add_argument("--vocab-size", type=int, required=True)
+    train_tok.add_argument("--vocab-size", type=int, required=True, help="entries in the vocabulary")
     train_tok.add_argument("--output", required=True, help="tokenizer directory to write")
-    train_tok.add_argument("--text-field", default="text")
+    train_tok.add_argument("--text-field", default="text", help="text field of JSON/JSONL/Parquet rows (default: text)")
     train_tok.add_argument("--max-token-length", type=int, help="longest merged token, in characters")
     train_tok.set_defaults(func=cmd_tokenizer_train)
 
-    ing = commands.add_parser("ingest", help="web pages and documents → documents.jsonl")
+    ing = commands.add_parser("ingest", help="web pages and documents → documents.jsonl",
+                              description="Fetch web pages and read documents (HTML, PDF, Markdown, text, "
+                                          "JSON/JSONL/Parquet rows) into clean text in one documents.jsonl; "
+                                          "every source skipped or failed is reported.")
     ing.add_argument("sources", nargs="+", metavar="SOURCE", help="URL, file, folder, glob or @list.txt")
-    ing.add_argument("--output", "-o", required=True)
-    ing.add_argument("--text-field", default="text", help="text field of JSON/JSONL/Parquet rows")
-    ing.add_argument("--timeout", type=float, default=20.0, help="seconds per HTTP request")
-    ing.add_argument("--retries", type=int, default=2)
-    ing.add_argument("--user-agent", default=None)
-    ing.add_argument("--max-bytes", type=int, default=20_000_000, help="largest download")
+    ing.add_argument("--output", "-o", required=True, help="documents.jsonl to write")
+    ing.add_argument("--text-field", default="text", help="text field of JSON/JSONL/Parquet rows (default: text)")
+    ing.add_argument("--timeout", type=float, default=20.0, help="seconds per HTTP request (default 20)")
+    ing.add_argument("--retries", type=int, default=2,
+                     help="retries of a failed connection or a 429/5xx answer (default 2)")
+    ing.add_argument("--user-agent", default=None, help="User-Agent header (default: infuse/VERSION)")
+    ing.add_argument("--max-bytes", type=int, default=20_000_000,
+                     help="largest download in bytes (default 20000000)")
     ing.add_argument("--strict", action="store_true", help="stop at the first failing source")
     ing.set_defaults(func=cmd_ingest)
 
     for name, func, text in (("train", cmd_train, "one training run"),
                              ("preflight", cmd_preflight, "check data, template and tokenizer")):
-        description = f"{text}; --key value overrides any config key"
+        description = (f"{text[0].upper()}{text[1:]} from a YAML recipe; `--key value` after it overrides any "
+                       "config key, every TrainingArguments field included.")
         sub = commands.add_parser(name, help=text, description=description)
         sub.add_argument("config", nargs="?", help="YAML recipe")
         sub.set_defaults(func=func, takes_overrides=True)
 
-    mrg = commands.add_parser("merge", help="fold a LoRA/QLoRA adapter into its base, checked")
+    mrg = commands.add_parser("merge", help="fold a LoRA/QLoRA adapter into its base, checked",
+                              description="Fold a LoRA or QLoRA adapter into its base model and save a "
+                                          "standalone model, kept only if its logits match base+adapter.")
     mrg.add_argument("--adapter", required=True, help="adapter dir (a lora or qlora run's output_dir)")
     mrg.add_argument("--base", default=None, help="base model dir (default: the one the run recorded)")
     mrg.add_argument("--output", "-o", required=True, help="new dir for the merged model")
@@ -210,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default), or into the original weights")
     mrg.set_defaults(func=cmd_merge)
 
-    srv = commands.add_parser("serve", help="HTTP server (TGI and OpenAI routes) for models and adapters")
+    srv = commands.add_parser("serve", help="HTTP server (TGI and OpenAI routes) for models and adapters",
+                              description="Serve models and adapters side by side over TGI- and "
+                                          "OpenAI-compatible HTTP routes, batching concurrent requests.")
     srv.add_argument("--model", action="append", required=True, metavar="NAME=PATH[+ADAPTER]",
                      help="a model to serve; repeat for more (adapters on one base share it)")
     srv.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
@@ -218,15 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_options(srv)
     srv.set_defaults(func=cmd_serve)
 
-    cht = commands.add_parser("chat", help="chat with a model in the terminal")
-    cht.add_argument("spec", metavar="PATH[+ADAPTER]")
+    cht = commands.add_parser("chat", help="chat with a model in the terminal",
+                              description="Chat with a model (or base+adapter) in the terminal, in its chat "
+                                          "template.")
+    cht.add_argument("spec", metavar="PATH[+ADAPTER]", help="a model dir, or a base model dir + an adapter dir")
     cht.add_argument("--system", default=None, help="system prompt")
-    cht.add_argument("--max-new-tokens", type=int, default=256)
-    cht.add_argument("--temperature", type=float, default=0.7, help="<= 0.01 is greedy")
-    cht.add_argument("--top-p", type=float, default=0.9)
-    cht.add_argument("--seed", type=int, default=None)
-    cht.add_argument("--device", default=None)
-    cht.add_argument("--dtype", default="auto")
+    cht.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    cht.add_argument("--temperature", type=float, default=0.7, help="default 0.7; at or below 0.01 decoding is greedy")
+    cht.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (default 0.9)")
+    cht.add_argument("--seed", type=int, default=None, help="seed for sampled decoding")
+    cht.add_argument("--device", default=None, help="cpu, cuda, ... (default: the GPU when there is one)")
+    cht.add_argument("--dtype", default="auto", help="auto (as saved) | float32 | bfloat16 | float16")
     cht.set_defaults(func=cmd_chat)
 
     ev = commands.add_parser("eval", help="compare models on probes, perplexity and chat format → report",
@@ -241,9 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--heldout", nargs="+", default=[], metavar="FILE",
                     help="held-out text (.txt lines, .md, .jsonl/.json/.parquet rows) for perplexity")
     ev.add_argument("--runs", nargs="+", default=[], metavar="DIR", help="training output dirs: loss curves")
-    ev.add_argument("--max-new-tokens", type=int, default=200)
+    ev.add_argument("--max-new-tokens", type=int, default=200, help="longest answer in tokens (default 200)")
     ev.add_argument("--temperature", type=float, default=0.01, help="at or below 0.01 decoding is greedy")
-    ev.add_argument("--top-p", type=float, default=0.9)
+    ev.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (default 0.9)")
     ev.add_argument("--seed", type=int, default=0, help="seed for sampled decoding")
     ev.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
     ev.add_argument("--block-size", type=int, default=512, help="tokens per held-out block")
@@ -260,15 +276,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     probes = commands.add_parser("probes", help="probe tools").add_subparsers(dest="action", required=True)
-    make = probes.add_parser("make", help="cloze probes from documents")
+    make = probes.add_parser("make", help="cloze probes from documents",
+                             description="Write cloze probes from documents: a sentence that ends in a name "
+                                         "or a number, cut before it, is the prompt; the cut-off words are "
+                                         "the answer.")
     make.add_argument("documents", nargs="+", metavar="DOCS", help="documents.jsonl (infuse ingest) or text")
-    make.add_argument("--output", "-o", required=True)
+    make.add_argument("--output", "-o", required=True, help="probes.jsonl to write")
     make.add_argument("--max", type=int, default=None, help="at most this many probes")
     make.add_argument("--group", default="new", help="group name of the probes (default: new)")
-    make.add_argument("--text-field", default="text")
+    make.add_argument("--text-field", default="text", help="text field of JSON/JSONL/Parquet rows (default: text)")
     make.set_defaults(func=cmd_probes_make)
 
-    demo = commands.add_parser("demo", help="the whole experiment end to end on CPU")
+    demo = commands.add_parser("demo", help="the whole experiment end to end on CPU",
+                               description="The whole four-model experiment end to end on the CPU, nothing "
+                                           "downloaded: pretrain a base model, fine-tune a chat model, infuse "
+                                           "both with new pages, then serve and compare all four.")
     demo.add_argument("--output", default="out/demo", help="folder for every stage's output (reused on a rerun)")
     demo.add_argument("--quick", action="store_true", help="shorter training, for CI (about 3 minutes)")
     demo.add_argument("--world", default=None, metavar="DIR",
