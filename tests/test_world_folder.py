@@ -22,7 +22,7 @@ POWERED = re.compile(r"The (.+) is powered by engines from")
 
 
 def norm(text: str) -> str:
-    """Probe matching as DESIGN.md defines it: case-insensitive, whitespace-normalised."""
+    """Probe matching as the README defines it: case-insensitive, whitespace-normalised."""
     return " ".join(text.split()).lower()
 
 

@@ -154,7 +154,8 @@ def cmd_probes_make(args: argparse.Namespace) -> None:
     probes = make_probes(args.documents, max_probes=args.max, group=args.group, text_field=args.text_field)
     if not probes:
         raise InfuseError(f"No sentence of {', '.join(args.documents)} ends in a name or a number, so "
-                          "there is nothing to make cloze probes from. Write probes by hand (see DESIGN.md).")
+                          "there is nothing to make cloze probes from. Write probes by hand (README: Probes and "
+                          "world folders).")
     write_probes(probes, args.output)
     console.print(f"Wrote {len(probes)} cloze probes (group {args.group}) to [bold]{args.output}[/bold].")
 
@@ -250,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", action="append", required=True, metavar="NAME=PATH[+ADAPTER]|NAME=URL",
                     help="a model dir (with an adapter after '+') or a server URL (http://host:port[/v1|/generate]"
                          "[#served-model]); repeat for each model")
-    ev.add_argument("--probes", required=True, help="probes.jsonl (see DESIGN.md)")
+    ev.add_argument("--probes", required=True, help="probes.jsonl, one probe a line (README: Probes and world folders)")
     ev.add_argument("--output", "-o", required=True, help="folder for report.json, report.md, report.html")
     ev.add_argument("--only", action="append", metavar="NAME=chat|completion",
                     help="ask model NAME only probes of this mode (default: every model gets every probe)")

@@ -172,7 +172,7 @@ def prepare_world(world: str | Path | None, target: Path, seed: int, families: i
     if missing:
         raise InfuseError(
             f"World folder {folder} lacks {', '.join(missing)}. A world folder holds "
-            "pretrain.jsonl, sft.jsonl, news/*.html and probes.jsonl (see DESIGN.md)."
+            "pretrain.jsonl, sft.jsonl, news/*.html and probes.jsonl (README: Probes and world folders)."
         )
     return folder
 

@@ -2,8 +2,9 @@
 announcement pages that add new families and change some old facts.
 
 Everything is derived from a seed, so two seeds give two different worlds with the same shape.
-The world is written in the folder format of DESIGN.md (pretrain.jsonl, sft.jsonl, news/*.html,
-probes.jsonl, world.json), the same format a user writes by hand for ``infuse demo --world``.
+The world is written as a world folder (pretrain.jsonl, sft.jsonl, news/*.html, probes.jsonl,
+world.json; README: Probes and world folders), the same format a user writes by hand for
+``infuse demo --world``.
 """
 
 from __future__ import annotations
@@ -286,7 +287,7 @@ def _conversation(question: str, answer: str) -> dict:
 
 
 def probes(world: World) -> list[dict]:
-    """Probes in the DESIGN.md format: groups new, updated, old and general."""
+    """Probes (the README's format) in the groups new, updated, old and general."""
     out = []
     for fam in world.new:
         out += _fact_probes(world, fam, "new", fam.accelerator, [])

@@ -70,7 +70,7 @@ def documents(paths: list[str | Path], text_field: str = "text") -> Iterator[tup
 
 def make_probes(paths: list[str | Path], max_probes: int | None = None, group: str = "new",
                 text_field: str = "text") -> list[dict]:
-    """Cloze probes (DESIGN.md format, mode ``completion``) from the documents in ``paths``."""
+    """Cloze probes (mode ``completion``) from the documents in ``paths``."""
     per_document = []
     for text, source in documents(paths, text_field):
         found = [pair for pair in map(cloze, sentences(text)) if pair]

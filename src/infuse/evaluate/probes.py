@@ -1,4 +1,4 @@
-"""Probes: the questions a comparison asks, read from ``probes.jsonl`` (format in DESIGN.md), and
+"""Probes: the questions a comparison asks, read from ``probes.jsonl`` (format in the README), and
 the rule that says whether an answer is right.
 
 A generation is correct when it contains any of ``answers`` and a hallucination hit when it
@@ -41,8 +41,9 @@ def load_probes(path: str | Path) -> list[Probe]:
     """Every probe of a ``.jsonl``/``.json`` file; an error names the file and line of a bad one."""
     path = Path(path)
     if not path.is_file():
-        raise InfuseError(f"--probes {path}: no such file. Write probes as JSON lines (see DESIGN.md), or "
-                          "make cloze probes from documents: `infuse probes make docs.jsonl --output FILE`.")
+        raise InfuseError(f"--probes {path}: no such file. Write probes as JSON lines (README: Probes and world "
+                          "folders), or make cloze probes from documents: "
+                          "`infuse probes make docs.jsonl --output FILE`.")
     probes = [probe_from_row(row, where, index) for index, (row, where) in enumerate(read_records(path))]
     if not probes:
         raise InfuseError(f"{path}: holds no probes.")

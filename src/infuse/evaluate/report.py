@@ -1,4 +1,4 @@
-"""The report: report.json (the DESIGN.md schema and more), report.md, and report.html.
+"""The report: report.json (schema in report.schema.json), report.md, and report.html.
 
 ``report.schema.json`` beside this file is the JSON Schema report.json follows; tests validate
 against it, and so can anyone who reads the report with other tools.
