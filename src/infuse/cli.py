@@ -167,6 +167,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
              seed=args.seed, families=args.families, vocabulary=args.vocabulary, console=console)
 
 
+TEXT_FIELD_HELP = "text field of JSON/JSONL/Parquet rows (default: text)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="infuse", description="Teach a causal language model new knowledge and show what it gained "
@@ -183,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_tok.add_argument("--corpus", nargs="+", required=True, help="text, JSONL, JSON or Parquet files")
     train_tok.add_argument("--vocab-size", type=int, required=True, help="entries in the vocabulary")
     train_tok.add_argument("--output", required=True, help="tokenizer directory to write")
-    train_tok.add_argument("--text-field", default="text", help="text field of JSON/JSONL/Parquet rows (default: text)")
+    train_tok.add_argument("--text-field", default="text", help=TEXT_FIELD_HELP)
     train_tok.add_argument("--max-token-length", type=int, help="longest merged token, in characters")
     train_tok.set_defaults(func=cmd_tokenizer_train)
 
@@ -193,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "every source skipped or failed is reported.")
     ing.add_argument("sources", nargs="+", metavar="SOURCE", help="URL, file, folder, glob or @list.txt")
     ing.add_argument("--output", "-o", required=True, help="documents.jsonl to write")
-    ing.add_argument("--text-field", default="text", help="text field of JSON/JSONL/Parquet rows (default: text)")
+    ing.add_argument("--text-field", default="text", help=TEXT_FIELD_HELP)
     ing.add_argument("--timeout", type=float, default=20.0, help="seconds per HTTP request (default 20)")
     ing.add_argument("--retries", type=int, default=2,
                      help="retries of a failed connection or a 429/5xx answer (default 2)")
@@ -285,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--output", "-o", required=True, help="probes.jsonl to write")
     make.add_argument("--max", type=int, default=None, help="at most this many probes")
     make.add_argument("--group", default="new", help="group name of the probes (default: new)")
-    make.add_argument("--text-field", default="text", help="text field of JSON/JSONL/Parquet rows (default: text)")
+    make.add_argument("--text-field", default="text", help=TEXT_FIELD_HELP)
     make.set_defaults(func=cmd_probes_make)
 
     demo = commands.add_parser("demo", help="the whole experiment end to end on CPU",
