@@ -94,8 +94,9 @@ def check_model(config: TrainConfig, tokenizer, console: Console, findings: Find
     configured = getattr(model_config, "vocab_size", None)
     if config.model_config:  # training builds it with the tokenizer's vocabulary and special ids
         fit_to_tokenizer(model_config, tokenizer)
-    vocabulary = f"vocabulary {getattr(model_config, 'vocab_size', None)}"
-    if model_config.vocab_size != configured:
+    vocab = getattr(model_config, "vocab_size", None)
+    vocabulary = f"vocabulary {vocab}"
+    if vocab != configured:
         vocabulary += f" ({configured} in {source}, grown to the tokenizer's)"
     key = "block_size" if config.stage == "pt" else "cutoff_len"
     name, limit = context_limit(model_config)
