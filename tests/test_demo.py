@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from infuse.cli import main
-from infuse.demo import generated_world
+from infuse.demo import DemoSettings, generated_world, infuse_config, pretrain_config, sft_config
 from infuse.errors import InfuseError
 
 MODELS = ("base", "base+infused", "chat", "chat+infused")
@@ -96,3 +97,19 @@ def test_a_generated_world_is_reused_only_with_the_options_it_was_made_with(tmp_
     assert (world / "probes.jsonl").read_text() == probes
     with pytest.raises(InfuseError, match="seed 0, 8 families and vocabulary birds, not the one asked for"):
         generated_world(tmp_path / "world", seed=0, families=9, vocabulary="birds")
+
+
+def test_a_finished_stage_is_reused_only_with_the_settings_it_was_trained_with(demo, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["demo", "--quick", "--output", str(demo), "--train-seed", "7"])
+    error = " ".join(capsys.readouterr().err.split())
+    assert stopped.value.code == 2
+    assert f"{demo / 'base'} was trained with other settings (seed: 42 -> 7)" in error
+
+
+def test_the_training_seed_reaches_every_training_stage(tmp_path):
+    settings = replace(DemoSettings(), train_seed=7)
+    configs = [pretrain_config(tmp_path, tmp_path, settings), sft_config(tmp_path, tmp_path, settings),
+               *(infuse_config(name, "model", tmp_path / name, tmp_path / "docs.jsonl", tmp_path, settings)
+                 for name in ("base", "chat"))]
+    assert [config.training["seed"] for config in configs] == [7, 7, 7, 7]

@@ -164,7 +164,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from infuse.demo import run_demo
 
     run_demo(output=args.output, quick=args.quick, world=args.world, base=args.base, chat=args.chat,
-             seed=args.seed, families=args.families, vocabulary=args.vocabulary, console=console)
+             seed=args.seed, families=args.families, vocabulary=args.vocabulary, train_seed=args.train_seed,
+             console=console)
 
 
 TEXT_FIELD_HELP = "text field of JSON/JSONL/Parquet rows (default: text)"
@@ -302,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--base", default=None, metavar="PATH", help="your base model: skips pretraining")
     demo.add_argument("--chat", default=None, metavar="PATH", help="your chat model: skips fine-tuning")
     demo.add_argument("--seed", type=int, default=0, help="seed of the generated world")
+    demo.add_argument("--train-seed", type=int, default=None,
+                      help="seed of every training stage (default 42); with --base and --chat, of the infusions")
     demo.add_argument("--families", type=int, default=48, help="old instance families of the generated world")
     demo.add_argument("--vocabulary", default="birds", choices=sorted(VOCABULARIES),
                       help="words the generated world names its accelerators with")
