@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from infuse import __version__
+from infuse.demo import DemoSettings
 from infuse.errors import InfuseError
 from infuse.world import VOCABULARIES
 
@@ -168,7 +169,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
              console=console)
 
 
-TEXT_FIELD_HELP = "text field of JSON/JSONL/Parquet rows (default: text)"
+TEXT_FIELD_HELP = "text field of JSON/JSONL/Parquet rows (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,12 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("sources", nargs="+", metavar="SOURCE", help="URL, file, folder, glob or @list.txt")
     ing.add_argument("--output", "-o", required=True, help="documents.jsonl to write")
     ing.add_argument("--text-field", default="text", help=TEXT_FIELD_HELP)
-    ing.add_argument("--timeout", type=float, default=20.0, help="seconds per HTTP request (default 20)")
+    ing.add_argument("--timeout", type=float, default=20.0, help="seconds per HTTP request (default %(default)s)")
     ing.add_argument("--retries", type=int, default=2,
-                     help="retries of a failed connection or a 429/5xx answer (default 2)")
+                     help="retries of a failed connection or a 429/5xx answer (default %(default)s)")
     ing.add_argument("--user-agent", default=None, help="User-Agent header (default: infuse/VERSION)")
     ing.add_argument("--max-bytes", type=int, default=20_000_000,
-                     help="largest download in bytes (default 20000000)")
+                     help="largest download in bytes (default %(default)s)")
     ing.add_argument("--strict", action="store_true", help="stop at the first failing source")
     ing.set_defaults(func=cmd_ingest)
 
@@ -242,9 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
                                           "template.")
     cht.add_argument("spec", metavar="PATH[+ADAPTER]", help="a model dir, or a base model dir + an adapter dir")
     cht.add_argument("--system", default=None, help="system prompt")
-    cht.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
-    cht.add_argument("--temperature", type=float, default=0.7, help="default 0.7; at or below 0.01 decoding is greedy")
-    cht.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (default 0.9)")
+    cht.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default %(default)s)")
+    cht.add_argument("--temperature", type=float, default=0.7,
+                     help="default %(default)s; at or below 0.01 decoding is greedy")
+    cht.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (default %(default)s)")
     cht.add_argument("--seed", type=int, default=None, help="seed for sampled decoding")
     cht.add_argument("--device", default=None, help="cpu, cuda, ... (default: the GPU when there is one)")
     cht.add_argument("--dtype", default="auto", help="auto (as saved) | float32 | bfloat16 | float16")
@@ -262,9 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--heldout", nargs="+", default=[], metavar="FILE",
                     help="held-out text (.txt lines, .md, .jsonl/.json/.parquet rows) for perplexity")
     ev.add_argument("--runs", nargs="+", default=[], metavar="DIR", help="training output dirs: loss curves")
-    ev.add_argument("--max-new-tokens", type=int, default=200, help="longest answer in tokens (default 200)")
+    ev.add_argument("--max-new-tokens", type=int, default=200, help="longest answer in tokens (default %(default)s)")
     ev.add_argument("--temperature", type=float, default=0.01, help="at or below 0.01 decoding is greedy")
-    ev.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (default 0.9)")
+    ev.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (default %(default)s)")
     ev.add_argument("--seed", type=int, default=0, help="seed for sampled decoding")
     ev.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
     ev.add_argument("--block-size", type=int, default=512, help="tokens per held-out block")
@@ -304,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--chat", default=None, metavar="PATH", help="your chat model: skips fine-tuning")
     demo.add_argument("--seed", type=int, default=0, help="seed of the generated world")
     demo.add_argument("--train-seed", type=int, default=None,
-                      help="seed of every training stage (default 42); with --base and --chat, of the infusions")
+                      help=f"seed of every training stage (default {DemoSettings.train_seed}); with --base and --chat, "
+                           "of the infusions")
     demo.add_argument("--families", type=int, default=48, help="old instance families of the generated world")
     demo.add_argument("--vocabulary", default="birds", choices=sorted(VOCABULARIES),
                       help="words the generated world names its accelerators with")
