@@ -26,3 +26,18 @@ def test_the_bar_runs_without_a_thread_and_shows_each_logged_loss_and_the_last_s
     text = out.getvalue()
     assert [f"step      {step}  loss {4.0 - step:.4g}" in text for step in (1, 2, 3)] == [True] * 3
     assert "3/3" in text
+
+
+def test_an_80_column_terminal_keeps_the_step_count_the_loss_and_the_times_whole():
+    out = io.StringIO()
+    callback = RichProgress(Console(file=out, force_terminal=True, width=80))
+    state = SimpleNamespace(is_world_process_zero=True, max_steps=10_000, global_step=0)
+    callback.on_train_begin(None, state, None)
+    state.global_step = 9_655
+    callback.on_step_end(None, state, None)
+    callback.on_log(None, state, None, logs={"loss": 4.29312, "grad_norm": 0.771123, "learning_rate": 5.888e-06,
+                                             "epoch": 3.91})
+    bar = out.getvalue().split("\r")[-1]
+    assert "9655/10000" in bar and "loss 4.293" in bar and "…" not in bar
+    assert bar.count("0:00:") == 2 or "-:--:--" in bar  # elapsed, and remaining
+    assert "step   9655  loss 4.293  grad_norm 0.7711  learning_rate 5.888e-06" in out.getvalue()

@@ -1,4 +1,4 @@
-"""Terminal progress for training: a rich bar with the latest loss and learning rate."""
+"""Terminal progress for training: a rich bar with the latest loss; every logged metric as a line."""
 
 from __future__ import annotations
 
@@ -8,9 +8,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import TrainerCallback
 
+ON_BAR = ("loss", "train_loss")
+PRINTED = ("loss", "grad_norm", "learning_rate")
+
+
+def metrics_text(logs: dict, names: tuple[str, ...]) -> str:
+    return "  ".join(f"{k} {logs[k]:.4g}" if isinstance(logs[k], float) else f"{k} {logs[k]}"
+                     for k in names if k in logs)
+
 
 class RichProgress(TrainerCallback):
-    """Replaces the Trainer's tqdm bar; logged metrics are shown on the bar and printed as lines.
+    """Replaces the Trainer's tqdm bar. Logged metrics are printed as lines; the bar keeps only the
+    latest loss, and its own width gives way first, so that the step count and the times stay
+    whole in an 80-column terminal.
 
     The bar is redrawn from the training loop, at most every ``REDRAW_SECONDS``, not by rich's
     refresh thread: on a GPU the loop is Python launching kernels, and a thread drawing ten times a
@@ -29,7 +39,7 @@ class RichProgress(TrainerCallback):
             return
         self.progress = Progress(
             TextColumn("[bold]train"),
-            BarColumn(),
+            BarColumn(bar_width=None),
             MofNCompleteColumn(),
             TextColumn("{task.fields[metrics]}"),
             TimeElapsedColumn(),
@@ -54,12 +64,13 @@ class RichProgress(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.progress is None or not logs:
             return
-        shown = {k: v for k, v in logs.items() if k in ("loss", "learning_rate", "grad_norm", "train_loss")}
-        text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
-        self.progress.update(self.task, metrics=text)
-        self.redraw()
+        on_bar = metrics_text(logs, ON_BAR)
+        if on_bar:
+            self.progress.update(self.task, metrics=on_bar)
+            self.redraw()
         if "loss" in logs:
-            self.progress.console.print(f"step {state.global_step:>6}  {text}", highlight=False)
+            self.progress.console.print(f"step {state.global_step:>6}  {metrics_text(logs, PRINTED)}",
+                                        highlight=False)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress is not None:
