@@ -4,6 +4,7 @@ rendered in headless Chromium: no console errors, every model shown, the script 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -84,7 +85,10 @@ def test_report_json_follows_the_schema_and_the_findings_name_the_better_model(t
 def test_markdown_has_the_table_and_every_answer(tmp_path):
     paths = write_report(make_report(tmp_path), tmp_path / "out")
     text = paths["md"].read_text()
-    assert "| base | 0% (0%) n=2 | 0% (100%) n=1 | 100% (0%) n=1 |" in text
+    # a wrong rate only where the group's probes name wrong answers: "0%" would read as "never wrong"
+    assert "| base | 0.0% (–) n=2 | 0.0% (100.0%) n=1 | 100.0% (–) n=1 |" in text
+    row = paths["html"].read_text().split("<tr data-model='base'>")[1].split("</tr>")[0]
+    assert re.findall(r">([^<]*)</td>", row)[2:] == ["2", "0.0%", "–", "1", "0.0%", "100.0%", "1", "100.0%", "–"]
     assert "✘ ⚠ A HERON, I think" in text and "✔ a crane" in text
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from html import escape
 
 from infuse import __version__
+from infuse.evaluate.metrics import shown_wrong_rate
 from infuse.evaluate.svg import bar_chart, line_chart
 
 CSS = """
@@ -116,12 +117,11 @@ def _findings(report: dict) -> str:
 def _charts(report: dict) -> str:
     models, groups = list(report["models"]), report["groups"]
 
-    def per_group(metric: str) -> dict[str, list[float | None]]:
-        return {name: [_get(report["models"][name]["groups"].get(g), metric) for g in groups]
-                for name in models}
+    def per_group(value) -> dict[str, list[float | None]]:
+        return {name: [value(report["models"][name]["groups"].get(g)) for g in groups] for name in models}
 
-    figures = [bar_chart("Accuracy per group", groups, per_group("accuracy"), percent=True),
-               bar_chart("Wrong-answer rate per group", groups, per_group("wrong_rate"), percent=True)]
+    figures = [bar_chart("Accuracy per group", groups, per_group(lambda g: _get(g, "accuracy")), percent=True),
+               bar_chart("Wrong-answer rate per group", groups, per_group(shown_wrong_rate), percent=True)]
     datasets = list(report.get("heldout", {}))
     if datasets:
         values = {n: [report["models"][n].get("perplexity", {}).get(d) for d in datasets] for n in models}
@@ -163,7 +163,7 @@ def _score_table(report: dict) -> str:
         cells = [f"<td>{escape(name)}</td><td>{escape(model.get('backend', ''))}</td>"]
         for group in report["groups"]:
             g = model["groups"].get(group)
-            cells.append(_num(g["n"], digits=0) + _num(g["accuracy"], True) + _num(g["wrong_rate"], True)
+            cells.append(_num(g["n"], digits=0) + _num(g["accuracy"], True) + _num(shown_wrong_rate(g), True)
                          if g else _num(None) * 3)
         rows.append(f"<tr data-model='{escape(name, quote=True)}'>{''.join(cells)}</tr>")
     return "<h2>Scores per group</h2>" + _table("scores", headers, rows)

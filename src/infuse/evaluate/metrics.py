@@ -82,7 +82,7 @@ def findings(report: dict) -> list[str]:
                         key=lambda pair: -pair[0]["accuracy"])
         if not ranked:
             continue
-        parts = [f"{name} {_pct(g['accuracy'])} ({g['correct']}/{g['with_answers']})" for g, name in ranked]
+        parts = [f"{name} {percent(g['accuracy'])} ({g['correct']}/{g['with_answers']})" for g, name in ranked]
         line = f"{group}: " + ", ".join(parts) + "." + _leader(ranked)
         hits = [f"{name} {g['wrong_hits']}/{g['with_wrong']}" for g, name in ranked if g["wrong_hits"]]
         if hits:
@@ -107,5 +107,11 @@ def _leader(ranked: list[tuple[dict, str]]) -> str:
     return f" {who}, {100 * (best - below[0]['accuracy']):.1f} percentage points above {below[1]}."
 
 
-def _pct(value: float) -> str:
+def percent(value: float) -> str:
     return f"{100 * value:.1f}%"
+
+
+def shown_wrong_rate(group: dict | None) -> float | None:
+    """A group's wrong rate for tables and charts; None where none of its probes names a wrong
+    answer (report.json still stores 0.0 there, which would read as "never wrong")."""
+    return group["wrong_rate"] if group and group.get("with_wrong") else None

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 from infuse.errors import InfuseError
+from infuse.evaluate.metrics import percent, shown_wrong_rate
 
 SCHEMA_PATH = Path(__file__).with_name("report.schema.json")
 
@@ -114,7 +115,8 @@ def _settings_line(report: dict) -> str:
 def _cell(metrics: dict | None) -> str:
     if not metrics:
         return "–"
-    return f"{100 * metrics['accuracy']:.0f}% ({100 * metrics['wrong_rate']:.0f}%) n={metrics['n']}"
+    wrong = shown_wrong_rate(metrics)
+    return f"{percent(metrics['accuracy'])} ({'–' if wrong is None else percent(wrong)}) n={metrics['n']}"
 
 
 def _row(cells: list[str]) -> str:
