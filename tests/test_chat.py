@@ -29,7 +29,7 @@ def greedy_reply(model_dir, history: list[dict[str, str]], max_new_tokens: int) 
 
 
 def test_chat_keeps_the_history_streams_replies_and_resets(tiny_llama_dir, monkeypatch):
-    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nand then?\n/reset\nhello\n"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nand then?\n/reset\n/rest\nhello\n/quit\nnever read\n"))
     out = io.StringIO()
     history = chat(str(tiny_llama_dir), Console(file=out, width=10_000), system="Be brief.",
                    max_new_tokens=12, temperature=0)
@@ -38,11 +38,13 @@ def test_chat_keeps_the_history_streams_replies_and_resets(tiny_llama_dir, monke
     second = greedy_reply(tiny_llama_dir, [system, {"role": "user", "content": "hello"},
                                            {"role": "assistant", "content": first},
                                            {"role": "user", "content": "and then?"}], 12)
-    # After /reset the conversation starts again from the system prompt, so "hello" gets the first answer.
+    # After /reset the conversation starts again from the system prompt, so "hello" gets the first answer;
+    # the mistyped /rest is not sent, and /quit leaves before "never read".
     assert history == [system, {"role": "user", "content": "hello"}, {"role": "assistant", "content": first}]
     printed = out.getvalue()
     assert first.strip() and second.strip() and first != second
     assert printed.count(first) >= 2 and second in printed and "Conversation forgotten." in printed
+    assert "No command /rest: /reset forgets the conversation, /exit leaves." in printed
 
 
 def test_chat_refuses_a_model_without_a_chat_template(tiny_llama_dir, tmp_path):

@@ -1,9 +1,10 @@
 """``infuse chat PATH[+ADAPTER]``: talk to a model in the terminal. The conversation is kept and
 sent whole each turn through the model's chat template; replies stream token by token.
-``/reset`` forgets the conversation, ``/exit`` (or end of input) leaves."""
+``/reset`` forgets the conversation, ``/exit`` or ``/quit`` (or end of input) leaves."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 from rich.console import Console
@@ -14,6 +15,10 @@ from infuse.serve.registry import ServedModel, load_registry
 from infuse.serve.sampling import Sampling
 
 COMMANDS = "/reset forgets the conversation, /exit leaves"
+EXIT = ("/exit", "/quit")
+# A line that is one slash word is a command, never a message: a mistyped command sent to the model
+# would become part of the conversation. "/etc/hosts?" and "/ hello" are messages.
+COMMAND_WORD = re.compile(r"/[A-Za-z]+")
 
 
 def chat(spec: str, console: Console | None = None, *, system: str | None = None, max_new_tokens: int = 256,
@@ -43,11 +48,14 @@ def _converse(model: ServedModel, sampling: Sampling, console: Console,
     console.print(f"[dim]Chatting with {model.base}{adapter}. {COMMANDS}.[/dim]", highlight=False)
     for line in _lines(console):
         text = line.strip()
-        if text == "/exit":
+        if text in EXIT:
             break
         if text == "/reset":
             history = list(start)
             console.print("[dim]Conversation forgotten.[/dim]")
+            continue
+        if COMMAND_WORD.fullmatch(text):
+            console.print(f"[dim]No command {text}: {COMMANDS}.[/dim]", highlight=False)
             continue
         if not text:
             continue
