@@ -77,6 +77,29 @@ def test_sentence_shuffles_are_a_number_of_copies():
                 config_from_dict({**MINIMAL, name: bad})
 
 
+def test_evaluation_data_sets_evaluation_with_every_checkpoint_unless_told_otherwise():
+    held = config_from_dict({**MINIMAL, "val_size": 0.1, "save_steps": 50})
+    assert held.evaluates and held.training["eval_strategy"] == "steps" and held.training["eval_steps"] == 50
+    by_epoch = config_from_dict({**MINIMAL, "eval_dataset": "general.jsonl", "save_strategy": "epoch"})
+    assert by_epoch.eval_dataset == ["general.jsonl"] and by_epoch.training["eval_strategy"] == "epoch"
+    told = config_from_dict({**MINIMAL, "val_size": 20, "evaluation_strategy": "no"})  # the 4.x name
+    assert told.training["eval_strategy"] == "no"
+    assert not config_from_dict(MINIMAL).evaluates and "eval_strategy" not in config_from_dict(MINIMAL).training
+
+
+def test_evaluation_settings_that_cannot_work_are_refused():
+    cases = {
+        "val_size: expected a share in (0, 1) or a number of samples": {"val_size": 1.5},
+        "val_size and eval_dataset are both set": {"val_size": 0.1, "eval_dataset": "general.jsonl"},
+        "eval_strategy: 'steps' needs data to evaluate on": {"eval_strategy": "steps"},
+        "val_size: held-out blocks would still be trained on": {"val_size": 0.1, "sentence_shuffles": 2},
+    }
+    for message, values in cases.items():
+        with pytest.raises(InfuseError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            config_from_dict({**MINIMAL, **values})
+    assert config_from_dict({**MINIMAL, "stage": "sft", "val_size": 0.1, "sentence_shuffles": 2}).val_size == 0.1
+
+
 def test_switches_take_true_or_false_only():
     assert config_from_dict({**MINIMAL, "move_openers": True, "packing": False}).move_openers
     for bad in ("false", 0, None):

@@ -103,7 +103,8 @@ def test_runs_give_loss_curves(tmp_path):
     assert runs == {"run1": {"path": str(run), "stage": "pt", "loss": [[10, 3.0], [20, 1.5]],
                              "eval_loss": [[20, 1.7]], "train_loss": 2.0}}
     html = write_report(make_report(tmp_path, runs), tmp_path / "out")["html"].read_text()
-    assert "Training loss" in html and "<polyline" in html
+    assert "Training and eval loss" in html and html.count("<polyline") == 2
+    assert "<title>run1: last 1.5</title>" in html and "<title>run1 eval: last 1.7</title>" in html
 
 
 # ---------------------------------------------------------------- the page in a browser

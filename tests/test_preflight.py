@@ -93,6 +93,21 @@ def test_sft_preflight_on_alpaca_shows_samples_and_counts(capsys, tiny_llama_dir
     assert "Training would take 750 optimizer steps: 999 samples, 4 a step" in out
 
 
+def test_sft_preflight_holds_out_the_eval_share_and_reads_eval_data_as_training_would(
+    capsys, tiny_llama_dir, shared_data, tmp_path, no_weights
+):
+    identity = shared_data / "identity.json"
+    code, out = preflight(capsys, None, *sft_overrides(tiny_llama_dir, identity, tmp_path, "--val_size", "0.2"))
+    assert code == 0 and "Held out 19 of 91 samples for evaluation (val_size 0.2)" in out, out
+    assert "Training would take 54 optimizer steps: 72 samples, 4 a step" in out  # ceil(72 / 4) * 3 epochs
+
+    broken = tmp_path / "eval.jsonl"
+    broken.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    overrides = sft_overrides(tiny_llama_dir, identity, tmp_path, "--eval_dataset", str(broken))
+    code, out = preflight(capsys, None, *overrides)
+    assert code == 2 and "Evaluation data:" in out and f"{broken}:1" in out, out
+
+
 def test_pt_preflight_counts_blocks_and_checks_the_context(capsys, tiny_llama_config_path, tokenizer_dir,
                                                            shared_data, tmp_path, no_weights):
     overrides = ["--model_config", str(tiny_llama_config_path),

@@ -41,3 +41,5 @@ def test_an_80_column_terminal_keeps_the_step_count_the_loss_and_the_times_whole
     assert "9655/10000" in bar and "loss 4.293" in bar and "…" not in bar
     assert bar.count("0:00:") == 2 or "-:--:--" in bar  # elapsed, and remaining
     assert "step   9655  loss 4.293  grad_norm 0.7711  learning_rate 5.888e-06" in out.getvalue()
+    callback.on_log(None, state, None, logs={"eval_loss": 4.51234, "eval_runtime": 0.2, "epoch": 3.91})
+    assert "step   9655  eval_loss 4.512\n" in out.getvalue()

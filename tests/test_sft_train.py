@@ -68,3 +68,38 @@ def test_a_tiny_chat_model_answers_held_in_questions_and_stops_at_end_of_turn(
         new = generated[0, prompt["input_ids"].shape[1]:].tolist()
         assert tokenizer.decode(new, skip_special_tokens=True) == answer, (question, tokenizer.decode(new))
         assert new[-1] == im_end and len(new) < MAX_NEW_TOKENS  # stopped on end-of-turn, not on the limit
+
+
+def test_held_out_samples_are_not_trained_on_and_their_packed_eval_loss_is_their_loss_alone(
+    tiny_llama_dir, shared_data, tmp_path, one_thread
+):
+    from infuse.data.formats import load_conversations
+    from infuse.data.sft import PaddedCollator, build_sft_dataset
+    from infuse.data.templates import apply_template
+
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps(json.loads((shared_data / "alpaca_en_demo.json").read_text())[:30]))
+    out, console = tmp_path / "run", Console(file=io.StringIO(), width=200)
+    config = config_from_dict({
+        "stage": "sft", "model_name_or_path": str(tiny_llama_dir), "dataset": [str(data)], "template": "chatml",
+        "finetuning_type": "full", "cutoff_len": 96, "overlong": "truncate", "val_size": 6,
+        "output_dir": str(out), "num_train_epochs": 1, "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 8, "save_steps": 3, "report_to": "none", "seed": 5,
+    })
+    manifest = run(config, console)
+
+    assert manifest["log_history"][-1]["step"] == 6  # 24 training samples in steps of 4: the 6 held out are not
+    assert [entry["step"] for entry in manifest["log_history"] if "eval_loss" in entry] == [3, 6, 6]
+    assert "Held out 6 of 30 samples for evaluation (val_size 6)" in console.file.getvalue()
+    # The same split, scored with padded batches of the saved model: one eval batch holds all six,
+    # so the packed eval loss must be the token mean of their answer losses.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    template = apply_template(tokenizer, "chatml")
+    dataset, _ = build_sft_dataset(load_conversations([data])[0], tokenizer, template, 96, "truncate")
+    held_out = dataset.train_test_split(test_size=6, seed=5)["test"]
+    batch = PaddedCollator(tokenizer.pad_token_id)([held_out[i] for i in range(6)])
+    with torch.no_grad():
+        loss = AutoModelForCausalLM.from_pretrained(out)(**batch).loss.item()
+    assert manifest["data"]["eval"] == {"val_size": 6, "rows": 6,
+                                        "scored_tokens": int((batch["labels"][:, 1:] != -100).sum())}
+    assert manifest["metrics"]["eval_loss"] == pytest.approx(loss, abs=1e-4)

@@ -133,6 +133,34 @@ def test_replay_is_drawn_afresh_each_epoch(pretrained, small_corpus, shared_data
     assert mix["openers_moved"] > 0  # the run's move_openers reaches the replay copies
 
 
+def test_held_out_blocks_are_not_trained_on_and_general_text_can_be_evaluated_instead(
+    pretrained, small_corpus, shared_data, tmp_path
+):
+    common = {"model_name_or_path": str(pretrained["dir"]), "dataset": [str(small_corpus)], "finetuning_type": "lora",
+              "block_size": 64, "num_train_epochs": 1, "max_steps": -1, "per_device_train_batch_size": 32,
+              "save_steps": 1000, "cache_dir": str(tmp_path / "cache"), "report_to": "none"}
+    held = run(config_from_dict({**common, "val_size": 0.25, "output_dir": str(tmp_path / "held")}), quiet())
+    blocks, held_out = held["data"]["train"]["blocks"], held["data"]["eval"]["rows"]
+    assert held_out == -(-blocks // 4)  # datasets rounds a share of the rows up
+    assert held["log_history"][-1]["step"] == -(-(blocks - held_out) // 32)  # one epoch of the rest
+    assert held["metrics"]["eval_loss"] > 0 and held["data"]["eval"]["scored_tokens"] <= held_out * 63
+
+    general_text = tmp_path / "general.txt"
+    general_text.write_text("\n".join((shared_data / "wiki_demo.txt").read_text().splitlines()[:2]))
+    console = quiet()
+    general = run(config_from_dict({**common, "eval_dataset": [str(general_text)], "save_steps": 2,
+                                    "output_dir": str(tmp_path / "general")}), console)
+    evaluated = general["data"]["eval"]
+    assert evaluated["eval_dataset"] == [str(general_text)] and evaluated["documents"] == 2
+    assert evaluated["rows"] == evaluated["blocks"] > 0 and evaluated["shuffled_copies"] == 0
+    steps = general["log_history"][-1]["step"]
+    evaluations = [entry["step"] for entry in general["log_history"] if "eval_loss" in entry]
+    # with every checkpoint, and once more at the end
+    assert set(range(2, steps + 1, 2)) <= set(evaluations) and evaluations[-1] == steps
+    assert f"Evaluation: loss {general['metrics']['eval_loss']:.4f}" in console.file.getvalue()
+    assert "Evaluation data: 2 documents" in console.file.getvalue()
+
+
 def test_seed_knowledge_recipe_runs_on_a_tiny_llama(tiny_llama_config_path, tokenizer_dir, small_corpus, tmp_path):
     out = tmp_path / "seed"
     main([

@@ -28,6 +28,7 @@ TRAINING_ALIASES: dict[str, tuple[str, Any]] = {
     "warmup_ratio": ("warmup_steps", None),  # a float < 1 in warmup_steps is a ratio
     "group_by_length": ("train_sampling_strategy", "group_by_length"),
     "gradient_checkpointing": ("activation_checkpointing", None),
+    "evaluation_strategy": ("eval_strategy", None),
 }
 
 # Where infuse's defaults differ from TrainingArguments': a user expects TensorBoard logs,
@@ -118,6 +119,14 @@ class TrainConfig:
         "more capitalised words, repeated most through a new document, such as a product name), so replay "
         "does not restate the facts the new documents change. The names and the documents left out are "
         "reported.", False)
+    val_size: float = _help(
+        "Hold out this share (0 < x < 1) or number (1 or more) of the training samples (sft) or blocks (pt, "
+        "before replay is mixed in) for evaluation; they are not trained on. The eval loss is logged as "
+        "eval_strategy says (by default with every checkpoint) and once at the end.", 0.0)
+    eval_dataset: list[str] = _help(
+        "Evaluation data instead of val_size: files or folders read as dataset is (sft: samples in the same "
+        "template; pt: blocks of its documents, without copies or turns). General text here shows forgetting "
+        "while new documents are learned.", factory=list)
     swa_start: float | None = _help(
         "Stochastic weight averaging: from this share of the run's optimizer steps on (0.5 = the second half), "
         "keep the mean of the trained weights over every step and save it instead of the last step's weights. "
@@ -130,6 +139,11 @@ class TrainConfig:
     @property
     def output_dir(self) -> str:
         return self.training["output_dir"]
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether the run has evaluation data (``val_size`` or ``eval_dataset``)."""
+        return bool(self.val_size or self.eval_dataset)
 
     def to_dict(self) -> dict[str, Any]:
         """The flat form, as it would be written in a YAML recipe."""
@@ -191,11 +205,15 @@ def config_from_dict(values: dict[str, Any], origin: str = "config") -> TrainCon
         training.setdefault(key, value)
     training = {key: _as_number(key, value, _training_field_types()) for key, value in training.items()}
     own = {key: _as_number(key, value, _own_field_types()) for key, value in own.items()}
-    for key in ("dataset", "replay_dataset", "modules_to_save"):
+    for key in ("dataset", "replay_dataset", "eval_dataset", "modules_to_save"):
         if isinstance(own.get(key), str):
             own[key] = [own[key]]
     config = TrainConfig(**own, training=training)
     errors += _validate(config)
+    if config.evaluates and "eval_strategy" not in values:
+        # evaluate with every checkpoint: each saved checkpoint then has an eval loss to compare
+        config.training["eval_strategy"] = config.training.get("save_strategy", "steps")
+        config.training.setdefault("eval_steps", config.training.get("save_steps"))
     if errors:
         bullet = "\n  - "
         raise InfuseError(f"{origin}: {len(errors)} problem(s) in the config:{bullet}{bullet.join(errors)}")
@@ -316,6 +334,7 @@ def _validate(config: TrainConfig) -> list[str]:
         errors.append(f"swa_start: expected a share of the run's steps in [0, 1), got {config.swa_start!r}.")
     if config.finetuning_type == "qlora" and config.quantization_bit not in (4, 8):
         errors.append(f"quantization_bit: qlora supports 4 or 8, got {config.quantization_bit!r}.")
+    errors += _evaluation_errors(config)
     if config.replay_ratio and not config.replay_dataset:
         errors.append("replay_ratio is set but replay_dataset is empty.")
     persistent = config.training.get("dataloader_persistent_workers") and config.training.get("dataloader_num_workers")
@@ -323,4 +342,21 @@ def _validate(config: TrainConfig) -> list[str]:
         # Workers keep their own copy of the dataset: they would replay the first epoch's blocks every epoch.
         errors.append("dataloader_persistent_workers: cannot be used with replay_dataset, whose blocks change "
                       "each epoch; set it to false or dataloader_num_workers to 0.")
+    return errors
+
+
+def _evaluation_errors(config: TrainConfig) -> list[str]:
+    size = config.val_size
+    if isinstance(size, bool) or not isinstance(size, int | float) or size < 0 or (size >= 1 and size != int(size)):
+        return [f"val_size: expected a share in (0, 1) or a number of samples (1 or more), got {size!r}."]
+    errors = []
+    if size and config.eval_dataset:
+        errors.append("val_size and eval_dataset are both set; evaluate on one of them.")
+    if size and config.stage == "pt" and (config.sentence_shuffles or config.sentence_turns):
+        errors.append("val_size: held-out blocks would still be trained on through the sentence-shuffled copies "
+                      "and sentence turns made of their documents; put the documents to evaluate on in "
+                      "eval_dataset instead.")
+    if config.training.get("eval_strategy", "no") != "no" and not config.evaluates:
+        errors.append(f"eval_strategy: '{config.training['eval_strategy']}' needs data to evaluate on: set "
+                      "val_size (a share of the training data, held out) or eval_dataset.")
     return errors

@@ -152,7 +152,8 @@ def preflight_pretrain(config: TrainConfig, tokenizer, console: Console,
     first = data.dataset[0]
     real = [token for token, mask in zip(first["input_ids"], first["attention_mask"], strict=True) if mask]
     show_text("First block", tokenizer.decode(real[:200]), console)
-    return max_token_id(data.dataset), len(data.dataset)
+    evaluated = [] if data.eval_dataset is None else [max_token_id(data.eval_dataset)]
+    return max([max_token_id(data.dataset), *evaluated]), len(data.dataset)
 
 
 def show_text(title: str, text: str, console: Console) -> None:
@@ -172,7 +173,7 @@ def clip(text: str, head: int = SHOWN_HEAD, tail: int = SHOWN_TAIL) -> str:
 def preflight_sft(config: TrainConfig, tokenizer, console: Console, findings: Findings) -> tuple[int, int]:
     """Tokenize the conversations as training would, show samples and check them; (largest id, samples)."""
     from infuse.data.formats import load_conversations
-    from infuse.data.sft import build_sft_dataset, report_sft_data
+    from infuse.data.sft import build_sft_dataset, evaluation_samples, report_sft_data
     from infuse.data.templates import apply_template
 
     template = apply_template(tokenizer, config.template)
@@ -191,7 +192,9 @@ def preflight_sft(config: TrainConfig, tokenizer, console: Console, findings: Fi
     check_end_of_turn(dataset, tokenizer, stats.end_of_turn, config.cutoff_len, console, findings)
     check_round_trip(conversations, tokenizer, template, console, findings)
     check_batches(dataset, tokenizer, config.packing, console, findings)
-    return max(max(ids) for ids in dataset["input_ids"]), len(dataset)
+    dataset, evaluation, _, _ = evaluation_samples(dataset, config, tokenizer, template, console)
+    samples = [dataset] if evaluation is None else [dataset, evaluation]
+    return max(max(ids) for part in samples for ids in part["input_ids"]), len(dataset)
 
 
 def shown_indices(count: int, shown: int = SHOWN_SAMPLES) -> list[int]:

@@ -9,7 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import TrainerCallback
 
 ON_BAR = ("loss", "train_loss")
-PRINTED = ("loss", "grad_norm", "learning_rate")
+PRINTED = ("loss", "grad_norm", "learning_rate", "eval_loss")
 
 
 def metrics_text(logs: dict, names: tuple[str, ...]) -> str:
@@ -68,7 +68,7 @@ class RichProgress(TrainerCallback):
         if on_bar:
             self.progress.update(self.task, metrics=on_bar)
             self.redraw()
-        if "loss" in logs:
+        if "loss" in logs or "eval_loss" in logs:
             self.progress.console.print(f"step {state.global_step:>6}  {metrics_text(logs, PRINTED)}",
                                         highlight=False)
 

@@ -38,6 +38,7 @@ class TrainData:
     collator: Any
     stats: dict[str, Any]
     fingerprint: str
+    eval_dataset: Any = None
 
 
 def run(config: TrainConfig, console: Console | None = None,
@@ -73,6 +74,7 @@ def run(config: TrainConfig, console: Console | None = None,
         model=model,
         args=config.training_arguments(),
         train_dataset=data.dataset,
+        eval_dataset=data.eval_dataset,
         data_collator=data.collator,
         processing_class=tokenizer,
         # Extra callbacks run first, so a test can stop the process before a checkpoint is sealed.
@@ -88,9 +90,10 @@ def run(config: TrainConfig, console: Console | None = None,
     if config.stage == "sft":
         data.stats["train"]["speedups"]["attention_calls"] = dict(attention_calls)
         stop_at_end_of_turn(trainer.model, tokenizer, data.stats["train"]["end_of_turn"], output_dir)
+    metrics = {**result.metrics, **final_evaluation(trainer, data, console)}
     trainer.save_model(str(output_dir))
     tokenizer.save_pretrained(str(output_dir))
-    manifest = build_manifest(config, data, trainer, result.metrics, plan.checkpoint, started)
+    manifest = build_manifest(config, data, trainer, metrics, plan.checkpoint, started)
     (output_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     console.print(f"[green]Saved[/green] {describe_artefact(config)} to [bold]{output_dir}[/bold] "
                   f"(train loss {result.metrics.get('train_loss', float('nan')):.4f}).")
@@ -131,10 +134,18 @@ def build_pretrain_data(config: TrainConfig, tokenizer, console: Console) -> Tra
     dataset, stats = pack(config.dataset, sentence_shuffles=config.sentence_shuffles, turns=config.sentence_turns)
     summary = {"train": stats.to_dict()}
     fingerprint = stats.fingerprint
+    evaluation = None
+    if config.val_size:
+        dataset, evaluation = hold_out(dataset, config.val_size, seed, "blocks", console)
+        summary["eval"] = eval_counts(evaluation, config)
+    elif config.eval_dataset:
+        evaluation, eval_stats = pack(config.eval_dataset, label="Evaluation data")
+        summary["eval"] = {**eval_stats.to_dict(), **eval_counts(evaluation, config)}
+        fingerprint = f"{fingerprint}+eval {eval_stats.fingerprint}"
     if config.replay_dataset:
         replay, replay_stats = pack(
             config.replay_dataset, sentence_shuffles=config.replay_sentence_shuffles,
-            skip_subjects_of=config.dataset if config.replay_skip_subjects else None,
+            skip_subjects_of=config.dataset if config.replay_skip_subjects else None, label="Replay data",
         )
         dataset, mix = mix_replay(dataset, replay, config.replay_ratio, seed=seed)
         summary["replay"] = {**replay_stats.to_dict(), **mix}
@@ -143,7 +154,34 @@ def build_pretrain_data(config: TrainConfig, tokenizer, console: Console) -> Tra
                       f"afresh from {mix['replay_available']} replay blocks.")
         fingerprint = f"{fingerprint}+{replay_stats.fingerprint}"
     collator = DocumentCollator(tokenizer.eos_token_id) if config.isolate_documents else default_data_collator
-    return TrainData(dataset, collator, summary, fingerprint)
+    return TrainData(dataset, collator, summary, fingerprint, evaluation)
+
+
+def hold_out(dataset, val_size: float, seed: int, unit: str, console: Console):
+    """``(train, eval)``: ``val_size`` (a share, or a number when 1 or more) of ``dataset``'s rows,
+    drawn with ``seed``, held out from training."""
+    size = val_size if val_size < 1 else int(val_size)
+    try:
+        split = dataset.train_test_split(test_size=size, seed=seed)
+    except ValueError:
+        raise InfuseError(f"val_size: {val_size} of {len(dataset)} {unit} leaves no {unit} to evaluate on or no "
+                          f"{unit} to train on. Choose a share or number in between.") from None
+    console.print(f"Held out {len(split['test']):,} of {len(dataset):,} {unit} for evaluation (val_size "
+                  f"{val_size}); they are not trained on.", highlight=False)
+    return split["train"], split["test"]
+
+
+def eval_counts(dataset, config: TrainConfig) -> dict[str, Any]:
+    """What the eval loss averages over: rows, and the tokens it scores (a label, and not the first
+    of a row: nothing predicts that one)."""
+    import pyarrow.compute as pc
+
+    from infuse.data.pretrain import IGNORE_INDEX
+
+    labels = pc.list_flatten(pc.list_slice(dataset.with_format("arrow")["labels"], 1))
+    scored = pc.sum(pc.not_equal(labels, IGNORE_INDEX)).as_py() or 0
+    origin = {"val_size": config.val_size} if config.val_size else {"eval_dataset": config.eval_dataset}
+    return {**origin, "rows": len(dataset), "scored_tokens": int(scored)}
 
 
 def cache_dir(config: TrainConfig) -> Path:
@@ -182,6 +220,17 @@ def stop_at_end_of_turn(model, tokenizer, marker: str, output_dir: Path) -> None
     generation.eos_token_id = eos
     if base is not model:
         generation.save_pretrained(str(output_dir))
+
+
+def final_evaluation(trainer: Trainer, data: TrainData, console: Console) -> dict[str, float]:
+    """The eval loss of the weights being saved (for ``swa_start``, the average), and its perplexity."""
+    if data.eval_dataset is None:
+        return {}
+    loss = trainer.evaluate()["eval_loss"]
+    perplexity = math.exp(min(loss, 50.0))
+    console.print(f"Evaluation: loss {loss:.4f}, perplexity {perplexity:.2f} on {data.stats['eval']['rows']:,} "
+                  f"held-out rows ({data.stats['eval']['scored_tokens']:,} tokens scored).", highlight=False)
+    return {"eval_loss": loss, "eval_perplexity": perplexity}
 
 
 def describe_artefact(config: TrainConfig) -> str:

@@ -474,6 +474,7 @@ def build_pretrain_dataset(
     skip_subjects_of: list[str | Path] | None = None,
     move_openers: bool = False,
     turns: int = 0,
+    label: str = "Pretraining data",
 ) -> tuple[Dataset, PackStats]:
     """Blocks of ``sources`` for pretraining, from the cache when the inputs are unchanged.
 
@@ -484,7 +485,7 @@ def build_pretrain_dataset(
     (see ``subjects_of``).
 
     Without ``cache_dir`` the data is always packed anew. The counts are printed to ``console``
-    (a new one when None) and, with a cache, saved next to the blocks as ``stats.json``.
+    (a new one when None) after ``label`` and, with a cache, saved next to the blocks as ``stats.json``.
     """
     console = console or Console()
     fingerprint = data_fingerprint(sources, tokenizer, block_size, text_field, sentence_shuffles, seed,
@@ -513,7 +514,7 @@ def build_pretrain_dataset(
         if cached is not None:
             save_packed(dataset, stats, cached)
     stats.sources = [str(source) for source in sources]
-    report_pack_stats(stats, console)
+    report_pack_stats(stats, console, label)
     return dataset, stats
 
 
@@ -537,10 +538,10 @@ def load_packed(folder: Path) -> tuple[Dataset, PackStats]:
     return load_from_disk(str(folder / "dataset")), stats
 
 
-def report_pack_stats(stats: PackStats, console: Console) -> None:
+def report_pack_stats(stats: PackStats, console: Console, label: str = "Pretraining data") -> None:
     """One line with every count; a second, in yellow, when empty documents were skipped."""
     console.print(
-        f"Pretraining data: {stats.documents:,} documents → {stats.tokens:,} tokens → "
+        f"{label}: {stats.documents:,} documents → {stats.tokens:,} tokens → "
         f"{stats.blocks:,} blocks of {stats.block_size:,} tokens "
         f"({stats.padding:,} padding positions in the last block); fingerprint {stats.fingerprint or '-'}.",
         highlight=False,

@@ -433,19 +433,44 @@ def render_sample(input_ids: list[int], labels: list[int], tokenizer) -> list[tu
 
 def build_sft_data(config, tokenizer, console: Console | None = None):
     """The training data of an SFT run from a ``TrainConfig``: the template is set on ``tokenizer``
-    (saved with the model), rows read, tokenized, reported. Returns ``infuse.train.TrainData``."""
+    (saved with the model), rows read, tokenized, reported, and the evaluation samples held out or
+    read. Returns ``infuse.train.TrainData``."""
     from infuse.train import TrainData
 
     console = console or Console()
     template = apply_template(tokenizer, config.template)
-    conversations, loaded = load_conversations(config.dataset, config.dataset_format, config.bad_rows,
-                                               config.placeholders)
+    dataset, counts, fingerprint = read_sft_samples(config.dataset, config, tokenizer, template, console)
+    summary = {"train": {**counts, "template": config.template, "packing": config.packing}}
+    dataset, evaluation, eval_summary, eval_fingerprint = evaluation_samples(dataset, config, tokenizer, template,
+                                                                             console)
+    if evaluation is not None:
+        summary["eval"] = eval_summary
+        fingerprint += eval_fingerprint
+    return TrainData(dataset, make_collator(tokenizer, config.packing), summary, fingerprint, evaluation)
+
+
+def read_sft_samples(sources: list[str], config, tokenizer, template: str, console: Console):
+    """``(dataset, counts, fingerprint)`` of the conversations in ``sources``, reported to ``console``."""
+    conversations, loaded = load_conversations(sources, config.dataset_format, config.bad_rows, config.placeholders)
     dataset, stats = build_sft_dataset(conversations, tokenizer, template, config.cutoff_len, config.overlong,
                                        config.bad_rows, console)
     report_sft_data(loaded, stats, tokenizer, template, conversations, console)
-    summary = {"train": {**loaded.to_dict(), **stats.to_dict(), "template": config.template,
-                         "packing": config.packing}}
-    return TrainData(dataset, make_collator(tokenizer, config.packing), summary, stats.fingerprint)
+    return dataset, {**loaded.to_dict(), **stats.to_dict()}, stats.fingerprint
+
+
+def evaluation_samples(dataset, config, tokenizer, template: str, console: Console):
+    """``(train, eval, eval counts, eval fingerprint)``: ``val_size`` of ``dataset`` held out, or the
+    samples of ``eval_dataset`` read like the training data; eval is None when the config has neither."""
+    from infuse.train import eval_counts, hold_out
+
+    if config.val_size:
+        dataset, evaluation = hold_out(dataset, config.val_size, config.training.get("seed", 42), "samples", console)
+        return dataset, evaluation, eval_counts(evaluation, config), ""
+    if config.eval_dataset:
+        console.print("Evaluation data:", highlight=False)
+        evaluation, counts, fingerprint = read_sft_samples(config.eval_dataset, config, tokenizer, template, console)
+        return dataset, evaluation, {**counts, **eval_counts(evaluation, config)}, f"+eval {fingerprint}"
+    return dataset, None, {}, ""
 
 
 def report_sft_data(loaded, stats: SFTStats, tokenizer, template: str, conversations,

@@ -131,9 +131,11 @@ def _charts(report: dict) -> str:
     if adherent:
         figures.append(bar_chart("Chat format kept", ["chat probes"], adherent, percent=True))
     runs = report.get("runs") or {}
-    if any(run["loss"] for run in runs.values()):
-        figures.append(line_chart("Training loss", {name: run["loss"] for name, run in runs.items()},
-                                  x_label="step", y_label="loss"))
+    curves = {name: run["loss"] for name, run in runs.items()}
+    evaluated = {f"{name} eval": run["eval_loss"] for name, run in runs.items() if run.get("eval_loss")}
+    if any(curves.values()):
+        title = "Training and eval loss" if evaluated else "Training loss"
+        figures.append(line_chart(title, {**curves, **evaluated}, x_label="step", y_label="loss"))
     return "<h2>Plots</h2><div class='charts'>" + "".join(figures) + "</div>"
 
 
