@@ -228,8 +228,9 @@ def final_evaluation(trainer: Trainer, data: TrainData, console: Console) -> dic
         return {}
     loss = trainer.evaluate()["eval_loss"]
     perplexity = math.exp(min(loss, 50.0))
-    console.print(f"Evaluation: loss {loss:.4f}, perplexity {perplexity:.2f} on {data.stats['eval']['rows']:,} "
-                  f"held-out rows ({data.stats['eval']['scored_tokens']:,} tokens scored).", highlight=False)
+    counts = data.stats["eval"]
+    console.print(f"Evaluation: loss {loss:.4f}, perplexity {perplexity:.2f} on {counts['rows']:,} rows "
+                  f"({counts['scored_tokens']:,} tokens scored).", highlight=False)
     return {"eval_loss": loss, "eval_perplexity": perplexity}
 
 
