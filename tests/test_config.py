@@ -85,6 +85,8 @@ def test_evaluation_data_sets_evaluation_with_every_checkpoint_unless_told_other
     told = config_from_dict({**MINIMAL, "val_size": 20, "evaluation_strategy": "no"})  # the 4.x name
     assert told.training["eval_strategy"] == "no"
     assert not config_from_dict(MINIMAL).evaluates and "eval_strategy" not in config_from_dict(MINIMAL).training
+    stopping = config_from_dict({**MINIMAL, "val_size": 0.1, "early_stopping_patience": 3}).training_arguments()
+    assert stopping.load_best_model_at_end and stopping.metric_for_best_model == "loss"
 
 
 def test_evaluation_settings_that_cannot_work_are_refused():
@@ -93,6 +95,9 @@ def test_evaluation_settings_that_cannot_work_are_refused():
         "val_size and eval_dataset are both set": {"val_size": 0.1, "eval_dataset": "general.jsonl"},
         "eval_strategy: 'steps' needs data to evaluate on": {"eval_strategy": "steps"},
         "val_size: held-out blocks would still be trained on": {"val_size": 0.1, "sentence_shuffles": 2},
+        "early_stopping_patience: stopping on the eval loss needs data": {"early_stopping_patience": 3},
+        "early_stopping_patience: expected a number of evaluations": {"val_size": 0.1, "early_stopping_patience": 0},
+        "swa_start and the best checkpoint": {"val_size": 0.1, "early_stopping_patience": 3, "swa_start": 0.5},
     }
     for message, values in cases.items():
         with pytest.raises(InfuseError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -103,3 +103,32 @@ def test_held_out_samples_are_not_trained_on_and_their_packed_eval_loss_is_their
     assert manifest["data"]["eval"] == {"val_size": 6, "rows": 6,
                                         "scored_tokens": int((batch["labels"][:, 1:] != -100).sum())}
     assert manifest["metrics"]["eval_loss"] == pytest.approx(loss, abs=1e-4)
+
+
+def test_early_stopping_keeps_the_best_evaluated_weights(tiny_llama_dir, tmp_path, one_thread):
+    """Evaluated on the same questions with each other's answers, the eval loss rises once the model
+    learns the trained answers: the run stops there and saves the checkpoint before the rise."""
+    def rows(answers):
+        return "".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+                       + "\n" for q, a in zip(QA, answers, strict=True))
+
+    answers = list(QA.values())
+    (tmp_path / "train.jsonl").write_text(rows(answers))
+    (tmp_path / "swapped.jsonl").write_text(rows(answers[1:] + answers[:1]))
+    out, console = tmp_path / "run", Console(file=io.StringIO(), width=200)
+    config = config_from_dict({
+        "stage": "sft", "model_name_or_path": str(tiny_llama_dir), "dataset": [str(tmp_path / "train.jsonl")],
+        "eval_dataset": [str(tmp_path / "swapped.jsonl")], "early_stopping_patience": 2, "template": "chatml",
+        "finetuning_type": "full", "cutoff_len": 128, "output_dir": str(out), "max_steps": STEPS,
+        "per_device_train_batch_size": 8, "learning_rate": 3e-3, "lr_scheduler_type": "constant", "warmup_steps": 0,
+        "logging_steps": 50, "save_steps": 5, "report_to": "none", "seed": 0,
+    })
+    manifest = run(config, console)
+
+    evaluated = [(entry["step"], entry["eval_loss"]) for entry in manifest["log_history"] if "eval_loss" in entry]
+    best_step, best = min(evaluated[:-1], key=lambda pair: pair[1])
+    stop = manifest["data"]["train"]["early_stopping"]
+    assert stop["stopped_early"] and stop["last_step"] == best_step + 2 * 5 < STEPS
+    assert stop["best_checkpoint"].endswith(f"checkpoint-{best_step}") and stop["best_metric"] == pytest.approx(best)
+    assert manifest["metrics"]["eval_loss"] == pytest.approx(best, abs=1e-5)  # the saved weights are the best ones
+    assert f"Stopped early at step {stop['last_step']} of {STEPS}" in console.file.getvalue()

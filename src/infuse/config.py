@@ -127,6 +127,10 @@ class TrainConfig:
         "Evaluation data instead of val_size: files or folders read as dataset is (sft: samples in the same "
         "template; pt: blocks of its documents, without copies or turns). General text here shows forgetting "
         "while new documents are learned.", factory=list)
+    early_stopping_patience: int | None = _help(
+        "Stop when the eval loss (metric_for_best_model) has not improved for this many evaluations in a row, "
+        "and save the best evaluated checkpoint's weights (load_best_model_at_end). Needs val_size or "
+        "eval_dataset.")
     swa_start: float | None = _help(
         "Stochastic weight averaging: from this share of the run's optimizer steps on (0.5 = the second half), "
         "keep the mean of the trained weights over every step and save it instead of the last step's weights. "
@@ -214,6 +218,8 @@ def config_from_dict(values: dict[str, Any], origin: str = "config") -> TrainCon
         # evaluate with every checkpoint: each saved checkpoint then has an eval loss to compare
         config.training["eval_strategy"] = config.training.get("save_strategy", "steps")
         config.training.setdefault("eval_steps", config.training.get("save_steps"))
+    if config.early_stopping_patience:
+        config.training.setdefault("load_best_model_at_end", True)
     if errors:
         bullet = "\n  - "
         raise InfuseError(f"{origin}: {len(errors)} problem(s) in the config:{bullet}{bullet.join(errors)}")
@@ -356,6 +362,15 @@ def _evaluation_errors(config: TrainConfig) -> list[str]:
         errors.append("val_size: held-out blocks would still be trained on through the sentence-shuffled copies "
                       "and sentence turns made of their documents; put the documents to evaluate on in "
                       "eval_dataset instead.")
+    patience = config.early_stopping_patience
+    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
+        errors.append(f"early_stopping_patience: expected a number of evaluations (1 or more), got {patience!r}.")
+    elif patience and not config.evaluates:
+        errors.append("early_stopping_patience: stopping on the eval loss needs data to evaluate on: set val_size "
+                      "(a share of the training data, held out) or eval_dataset.")
+    if config.swa_start is not None and (patience or config.training.get("load_best_model_at_end")):
+        errors.append("swa_start and the best checkpoint (early_stopping_patience, load_best_model_at_end) each "
+                      "choose the weights to save; keep one of them.")
     if config.training.get("eval_strategy", "no") != "no" and not config.evaluates:
         errors.append(f"eval_strategy: '{config.training['eval_strategy']}' needs data to evaluate on: set "
                       "val_size (a share of the training data, held out) or eval_dataset.")

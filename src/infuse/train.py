@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from transformers import PrinterCallback, Trainer, TrainerCallback, default_data_collator
+from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, default_data_collator
 
 from infuse import __version__
 from infuse.averaging import WeightAveraging
@@ -70,6 +70,7 @@ def run(config: TrainConfig, console: Console | None = None,
         attention_calls.clear()
 
     averaging = [WeightAveraging(config.swa_start, plan.checkpoint)] if config.swa_start is not None else []
+    stopping = [EarlyStoppingCallback(config.early_stopping_patience)] if config.early_stopping_patience else []
     trainer = Trainer(
         model=model,
         args=config.training_arguments(),
@@ -79,13 +80,16 @@ def run(config: TrainConfig, console: Console | None = None,
         processing_class=tokenizer,
         # Extra callbacks run first, so a test can stop the process before a checkpoint is sealed.
         # The average goes into a checkpoint before its seal does.
-        callbacks=[*(callbacks or []), *averaging, SealCheckpoints(fingerprint), RichProgress(console),
+        callbacks=[*(callbacks or []), *averaging, *stopping, SealCheckpoints(fingerprint), RichProgress(console),
                    EpochData(data.dataset)],
     )
     trainer.remove_callback(PrinterCallback)  # RichProgress prints the logs; this would print them again
     result = trainer.train(resume_from_checkpoint=plan.checkpoint)
     if averaging:
         data.stats["train"]["weight_averaging"] = averaging[0].summary()
+    if stopping:
+        data.stats["train"]["early_stopping"] = report_early_stop(trainer.state, config.early_stopping_patience,
+                                                                  console)
 
     if config.stage == "sft":
         data.stats["train"]["speedups"]["attention_calls"] = dict(attention_calls)
@@ -220,6 +224,20 @@ def stop_at_end_of_turn(model, tokenizer, marker: str, output_dir: Path) -> None
     generation.eos_token_id = eos
     if base is not model:
         generation.save_pretrained(str(output_dir))
+
+
+def report_early_stop(state, patience: int, console: Console) -> dict[str, Any]:
+    """Whether the run stopped before its last step, and which checkpoint's weights it keeps."""
+    summary = {"patience": patience, "stopped_early": state.global_step < state.max_steps,
+               "last_step": state.global_step, "best_checkpoint": state.best_model_checkpoint,
+               "best_metric": state.best_metric}
+    if summary["stopped_early"]:
+        console.print(f"Stopped early at step {state.global_step:,} of {state.max_steps:,}: the eval loss did not "
+                      f"improve for {patience} evaluation(s).", highlight=False)
+    if state.best_model_checkpoint:
+        console.print(f"Keeping the best evaluated weights: {state.best_model_checkpoint} (eval loss "
+                      f"{state.best_metric:.4f}).", highlight=False)
+    return summary
 
 
 def final_evaluation(trainer: Trainer, data: TrainData, console: Console) -> dict[str, float]:
