@@ -181,7 +181,8 @@ def print_summary(report: dict, console) -> None:
     """The score table and findings on the terminal."""
     from rich.table import Table
 
-    table = Table(title="Accuracy (wrong rate) per group")
+    title = "Accuracy (wrong rate) per group"
+    table = Table(title=title, min_width=len(title))  # a narrow table would wrap its title
     table.add_column("model")
     for group in report["groups"]:
         table.add_column(group, justify="right")
