@@ -111,6 +111,13 @@ def test_plain_lora_adapter_merges_to_the_same_logits(lora_adapter, tiny_llama_d
     assert torch.allclose(logits(merged, ids), logits(adapted.eval(), ids), atol=1e-5)
 
 
+def test_a_dora_adapter_merges_to_the_same_logits(tiny_llama_dir, tmp_path):
+    adapter = random_lora_adapter(tiny_llama_dir, tmp_path / "dora", seed=1, spread=0.3, r=4, use_dora=True,
+                                  target_modules=["q_proj", "v_proj", "down_proj"])
+    check = merge(adapter, tmp_path / "merged", base=tiny_llama_dir, console=quiet())
+    assert check.passed and check.relative_diff < 1e-5 and check.top1_agreement == 1.0
+
+
 def test_an_adapter_with_nan_weights_is_refused(lora_adapter, tiny_llama_dir, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(lora_adapter, broken)

@@ -160,6 +160,18 @@ def test_lora_trains_only_the_adapters(tmp_path, tiny_llama_dir, plain_llama):
     assert all((p.grad is not None) == (n in trainable) for n, p in model.named_parameters())
 
 
+def test_dora_adds_a_trained_magnitude_and_rslora_scales_by_the_root_of_the_rank(tmp_path, tiny_llama_dir):
+    config = make_config(tmp_path, model_name_or_path=str(tiny_llama_dir), lora_rank=4, lora_alpha=16,
+                         use_dora=True, use_rslora=True)
+    model = load_model(config, None)
+    magnitudes = {n for n, p in model.named_parameters() if "lora_magnitude_vector" in n and p.requires_grad}
+    assert magnitudes and len(magnitudes) == sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A"))
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q_proj.scaling["default"] == pytest.approx(16 / 4 ** 0.5)  # plain LoRA: 16 / 4
+    train_step(model)
+    assert all(model.get_parameter(n).grad is not None for n in magnitudes)
+
+
 def test_lora_target_names_wrap_only_those_modules(tmp_path, tiny_llama_dir, plain_llama):
     config = make_config(tmp_path, model_name_or_path=str(tiny_llama_dir), lora_target=["q_proj", "v_proj"],
                          bf16=True)

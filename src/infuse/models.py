@@ -234,6 +234,8 @@ def _wrap_lora(model: PreTrainedModel, config: TrainConfig) -> PeftModel:
         lora_dropout=config.lora_dropout,
         target_modules=config.lora_target,
         modules_to_save=config.modules_to_save,
+        use_dora=config.use_dora,
+        use_rslora=config.use_rslora,
         task_type="CAUSAL_LM",
     )
     torch.manual_seed(config.training.get("seed", 42))  # lora_A starts random: the same seed, the same run
