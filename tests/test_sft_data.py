@@ -19,6 +19,7 @@ from infuse.config import TrainConfig
 from infuse.data.formats import Conversation, load_conversations
 from infuse.data.sft import (
     IGNORE_INDEX,
+    LossScope,
     PackedCollator,
     PaddedCollator,
     build_sft_data,
@@ -125,6 +126,25 @@ def test_chatml_role_headers_are_masked(tokenizer):
     pieces = render_sample(input_ids, labels, tokenizer)
     assert pieces == [("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", False),
                       ("Yo<|im_end|>", True), ("\n", False)]
+
+
+def test_loss_scope_trains_the_last_answer_only_or_the_prompts_too(tokenizer):
+    conversation = Conversation([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                                 {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "Bye"},
+                                 {"role": "assistant", "content": "Ciao"}])
+    template = resolve_template(tokenizer, "chatml")
+    first_turns = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    last_prompt = "\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n"
+    expected = {
+        LossScope(): ["Yo<|im_end|>", "Ciao<|im_end|>"],
+        LossScope(mask_history=True): ["Ciao<|im_end|>"],
+        LossScope(train_on_prompt=True): [f"{first_turns}Yo<|im_end|>{last_prompt}Ciao<|im_end|>"],
+        LossScope(train_on_prompt=True, mask_history=True): [f"{last_prompt}Ciao<|im_end|>"],
+    }
+    for scope, runs in expected.items():
+        input_ids, labels = tokenize_conversation(conversation, tokenizer, template, scope)
+        assert trained_runs(input_ids, labels, tokenizer) == runs, scope
+        assert tokenizer.decode(input_ids) == first_turns + f"Yo<|im_end|>{last_prompt}Ciao<|im_end|>\n"
 
 
 def test_guanaco_text_trains_the_answers_and_plain_text_trains_everything(tokenizer, tmp_path):
@@ -312,6 +332,9 @@ def test_build_sft_data_sets_the_template_and_reports_counts(tokenizer_dir, shar
     unpacked = build_sft_data(replace(config, packing=False), tokenizer, Console(file=io.StringIO()))
     assert isinstance(unpacked.collator, PaddedCollator)
     assert unpacked.fingerprint == data.fingerprint  # same samples, whatever the batching
+    prompts_too = build_sft_data(replace(config, train_on_prompt=True), tokenizer, Console(file=io.StringIO()))
+    assert prompts_too.fingerprint != data.fingerprint  # other labels: a run of them is not resumed from these
+    assert prompts_too.stats["train"]["trained_tokens"] > stats["trained_tokens"]
 
 
 def test_apply_template_then_tokenize_uses_the_saved_template(tokenizer_dir, tmp_path):

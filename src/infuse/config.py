@@ -101,6 +101,10 @@ class TrainConfig:
     overlong: str = _help("sft: truncate | drop | error for samples over cutoff_len.", "error")
     bad_rows: str = _help("sft: error | skip for malformed rows (skipped rows are counted).", "error")
     template: str = _help("sft: auto = the tokenizer's chat template; or llama2 | chatml.", "auto")
+    train_on_prompt: bool = _help("sft: train the prompts too (system, user and tool turns, role headers), not "
+                                  "only the assistant answers.", False)
+    mask_history: bool = _help("sft: train only the last assistant answer of each conversation; earlier turns "
+                               "are context.", False)
     packing: bool = _help("sft: padding-free packing (no attention across samples).", True)
     pad_token: str | None = _help(
         "Pad token: unset keeps the tokenizer's (or takes unk, else eos, when it has none); 'eos', 'unk' or "

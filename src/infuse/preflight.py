@@ -173,14 +173,14 @@ def clip(text: str, head: int = SHOWN_HEAD, tail: int = SHOWN_TAIL) -> str:
 def preflight_sft(config: TrainConfig, tokenizer, console: Console, findings: Findings) -> tuple[int, int]:
     """Tokenize the conversations as training would, show samples and check them; (largest id, samples)."""
     from infuse.data.formats import load_conversations
-    from infuse.data.sft import build_sft_dataset, evaluation_samples, report_sft_data
+    from infuse.data.sft import build_sft_dataset, evaluation_samples, loss_scope, report_sft_data
     from infuse.data.templates import apply_template
 
     template = apply_template(tokenizer, config.template)
     conversations, loaded = load_conversations(config.dataset, config.dataset_format, config.bad_rows,
                                                config.placeholders)
     dataset, stats = build_sft_dataset(conversations, tokenizer, template, config.cutoff_len, config.overlong,
-                                       config.bad_rows)
+                                       config.bad_rows, scope=loss_scope(config))
     packing = "on" if config.packing else "off"
     console.print(f"Template: {config.template}; end of turn {stats.end_of_turn!r}; cutoff_len "
                   f"{config.cutoff_len} (overlong: {config.overlong}); packing {packing}.", highlight=False)

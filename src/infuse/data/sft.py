@@ -78,14 +78,36 @@ class SFTStats:
         }
 
 
+@dataclass(frozen=True)
+class LossScope:
+    """Which part of a conversation is trained. By default every assistant answer with its
+    end-of-turn marker; ``mask_history`` keeps only the last answer (earlier turns are context, say
+    from another model); ``train_on_prompt`` also trains what comes before the answers (system,
+    user and tool turns, role headers), from the start or, with ``mask_history``, from the end of
+    the answer before the last."""
+
+    train_on_prompt: bool = False
+    mask_history: bool = False
+
+    def select(self, spans: list[Span]) -> list[Span]:
+        if not spans:
+            return spans
+        if self.train_on_prompt:
+            start = spans[-2][1] if self.mask_history and len(spans) > 1 else 0
+            return [(start, spans[-1][1])]
+        return spans[-1:] if self.mask_history else spans
+
+
 # --- one conversation -----------------------------------------------------------------------------
 
 
-def tokenize_conversation(conversation: Conversation, tokenizer, template: str
+def tokenize_conversation(conversation: Conversation, tokenizer, template: str, scope: LossScope = LossScope()
                           ) -> tuple[list[int], list[int]]:
-    """``(input_ids, labels)`` of one conversation; labels are -100 except on assistant answers
-    and their end-of-turn markers. Raises BadRow if the template cannot render the conversation."""
+    """``(input_ids, labels)`` of one conversation; labels are -100 except on the tokens ``scope``
+    trains (by default assistant answers and their end-of-turn markers). Raises BadRow if the
+    template cannot render the conversation."""
     text, spans = trained_spans(conversation, tokenizer, template)
+    spans = scope.select(spans)
     try:
         encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     except NotImplementedError:  # only fast (Rust) tokenizers report character offsets
@@ -225,8 +247,10 @@ def build_sft_dataset(
     overlong: str = "error",
     bad_rows: str = "error",
     console: Console | None = None,
+    scope: LossScope = LossScope(),
 ):
-    """Tokenize ``conversations`` into a ``datasets.Dataset`` of ``input_ids`` and ``labels``.
+    """Tokenize ``conversations`` into a ``datasets.Dataset`` of ``input_ids`` and ``labels``
+    (trained as ``scope`` says).
 
     ``overlong`` says what happens to samples longer than ``cutoff_len`` tokens: ``truncate``
     (keep the first ``cutoff_len``), ``drop``, or ``error`` (one error listing them all). A sample
@@ -239,12 +263,12 @@ def build_sft_dataset(
         raise InfuseError(f"overlong: '{overlong}' is not one of {', '.join(OVERLONG_POLICIES)}.")
     stats = SFTStats(end_of_turn=end_of_turn(tokenizer, template))
     policy = BadRows(bad_rows, stats.skipped, stats.skipped_examples)
-    digest = hashlib.sha256(template.encode())
+    digest = hashlib.sha256(f"{template}|{scope}".encode())
     columns: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
     too_long: list[tuple[str, int]] = []
     with _progress(console) as progress:
         for conversation in progress.track(conversations, total=len(conversations)):
-            sample = _tokenize_or_skip(conversation, tokenizer, template, policy)
+            sample = _tokenize_or_skip(conversation, tokenizer, template, policy, scope)
             if sample is not None:
                 sample = _fit(sample, conversation.where, cutoff_len, overlong, stats, too_long)
             if sample is not None:
@@ -258,9 +282,9 @@ def build_sft_dataset(
     return Dataset.from_dict(columns), stats
 
 
-def _tokenize_or_skip(conversation: Conversation, tokenizer, template: str, policy: BadRows):
+def _tokenize_or_skip(conversation: Conversation, tokenizer, template: str, policy: BadRows, scope: LossScope):
     try:
-        input_ids, labels = tokenize_conversation(conversation, tokenizer, template)
+        input_ids, labels = tokenize_conversation(conversation, tokenizer, template, scope)
     except BadRow as e:
         policy.handle(conversation.where, str(e), reason="template")
         return None
@@ -453,9 +477,13 @@ def read_sft_samples(sources: list[str], config, tokenizer, template: str, conso
     """``(dataset, counts, fingerprint)`` of the conversations in ``sources``, reported to ``console``."""
     conversations, loaded = load_conversations(sources, config.dataset_format, config.bad_rows, config.placeholders)
     dataset, stats = build_sft_dataset(conversations, tokenizer, template, config.cutoff_len, config.overlong,
-                                       config.bad_rows, console)
+                                       config.bad_rows, console, loss_scope(config))
     report_sft_data(loaded, stats, tokenizer, template, conversations, console)
     return dataset, {**loaded.to_dict(), **stats.to_dict()}, stats.fingerprint
+
+
+def loss_scope(config) -> LossScope:
+    return LossScope(config.train_on_prompt, config.mask_history)
 
 
 def evaluation_samples(dataset, config, tokenizer, template: str, console: Console):
