@@ -118,3 +118,18 @@ def test_every_command_and_option_explains_itself():
         assert parser.description, f"infuse {name} has no description"
         bare = [action.dest for action in parser._actions if not action.help and action.dest != "help"]
         assert not bare, f"infuse {name}: no help for {bare}"
+
+
+def test_train_help_lists_every_own_key_with_its_default(capsys):
+    import dataclasses
+
+    from infuse.cli import main
+    from infuse.config import TrainConfig
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # undo the wrapping
+    for spec in dataclasses.fields(TrainConfig):
+        if spec.name != "training":
+            assert f" {spec.name} {' '.join(spec.metadata['help'].split())} (default: " in text, spec.name
+    assert "val_size Hold out this share" in text and "(default: 0.0)" in text and "(default: null)" in text

@@ -205,6 +205,8 @@ def test_unsupported_missing_and_empty_sources_are_errors(tmp_path):
         load_texts([page])
     with pytest.raises(InfuseError, match=r"nowhere\.jsonl: no such file or folder"):
         load_texts([tmp_path / "nowhere.jsonl"])
+    with pytest.raises(InfuseError, match=r"not URLs\. .*`infuse ingest https://example\.com/news --output"):
+        load_texts(["https://example.com/news"])
     blank = tmp_path / "blank.txt"
     blank.write_text("\n   \n\n")
     empty_rows = tmp_path / "empty.jsonl"

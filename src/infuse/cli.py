@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from collections.abc import Callable
 
 from rich.console import Console
 from rich.markup import escape
 
 from infuse import __version__
+from infuse.config import describe_keys
 from infuse.demo import DemoSettings
 from infuse.errors import InfuseError
 from infuse.world import VOCABULARIES
@@ -210,9 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, text in (("train", cmd_train, "one training run"),
                              ("preflight", cmd_preflight, "check data, template and tokenizer")):
-        description = (f"{text[0].upper()}{text[1:]} from a YAML recipe; `--key value` after it overrides any "
-                       "config key, every TrainingArguments field included.")
-        sub = commands.add_parser(name, help=text, description=description)
+        description = textwrap.fill(f"{text[0].upper()}{text[1:]} from a YAML recipe; `--key value` after it "
+                                    "overrides any config key, every TrainingArguments field included.", 78)
+        sub = commands.add_parser(name, help=text, description=description, epilog=describe_keys(),
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
         sub.add_argument("config", nargs="?", help="YAML recipe")
         sub.set_defaults(func=func, takes_overrides=True)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,8 +63,9 @@ class TrainConfig:
     model_config: str | None = _help("A config JSON (any AutoConfig) to build a new model from instead.")
     tokenizer_name_or_path: str | None = _help("Tokenizer dir; defaults to model_name_or_path.")
     trust_remote_code: bool = _help("Allow custom modelling code shipped with the model.", False)
-    attn_implementation: str | None = _help("eager | sdpa | flash_attention_2; None lets transformers pick.")
-    dataset: list[str] = _help("Training data: files, folders or URLs.", factory=list)
+    attn_implementation: str | None = _help("eager | sdpa | flash_attention_2; unset lets transformers pick.")
+    dataset: list[str] = _help("Training data: files or folders (`infuse ingest` turns web pages into a file).",
+                               factory=list)
     dataset_format: str = _help("sft: auto | alpaca | sharegpt | messages | text.", "auto")
     text_field: str = _help("pt: the field that holds the text in JSON/JSONL/Parquet rows.", "text")
     finetuning_type: str = _help("full | lora | qlora (LoRA on a 4-bit quantized base).", "lora")
@@ -180,6 +182,20 @@ class TrainConfig:
                 raise InfuseError(f"deepspeed: {kwargs['deepspeed']} is set, but DeepSpeed is not installed "
                                   "(pip install deepspeed). Or train without it: --deepspeed null.") from None
             raise
+
+
+def describe_keys(width: int = 78) -> str:
+    """infuse's own config keys with their help and defaults, as ``infuse train --help`` lists them."""
+    lines = ["infuse's own keys (every TrainingArguments field is a key too):"]
+    for spec in dataclasses.fields(TrainConfig):
+        if spec.name == "training":
+            continue
+        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+        as_yaml = yaml.safe_dump(default, default_flow_style=True).splitlines()[0]
+        text = f"{spec.metadata['help']} (default: {as_yaml})"
+        lines.append(f"  {spec.name}")
+        lines += textwrap.wrap(text, width, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
 
 
 def own_keys() -> set[str]:

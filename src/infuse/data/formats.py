@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from infuse.config import BAD_ROW_POLICIES
-from infuse.data.records import is_record_file, read_records
+from infuse.data.records import is_record_file, missing_source, read_records
 from infuse.errors import InfuseError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -316,7 +316,8 @@ def fill_placeholders(conversation: Conversation, values: dict[str, str], unfill
 def record_files(sources: Iterable[str | Path]) -> list[Path]:
     """The record files named by ``sources``: files as given, folders searched for record files."""
     files = []
-    for source in map(Path, sources):
+    for name in sources:
+        source = Path(name)
         if source.is_dir():
             found = sorted(p for p in source.rglob("*") if p.is_file() and is_record_file(p))
             if not found:
@@ -330,7 +331,7 @@ def record_files(sources: Iterable[str | Path]) -> list[Path]:
                 )
             files.append(source)
         else:
-            raise InfuseError(f"{source}: no such file or folder (from `dataset`).")
+            raise missing_source(name, "Download the file of conversations and give its path.")
     return files
 
 

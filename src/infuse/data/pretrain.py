@@ -34,7 +34,7 @@ from rich.console import Console
 from transformers import default_data_collator
 
 from infuse.data.formats import BadRow, detect_format, parse_row
-from infuse.data.records import RECORD_SUFFIXES, read_records, text_of
+from infuse.data.records import RECORD_SUFFIXES, missing_source, read_records, text_of
 from infuse.data.templates import render, resolve_template
 from infuse.errors import InfuseError
 
@@ -100,14 +100,16 @@ def source_files(sources: list[str | Path]) -> list[Path]:
     """The document files named by ``sources``: files as given, folders expanded recursively in
     sorted order (hidden files left out). Missing paths and other file types are errors."""
     files: list[Path] = []
-    for source in map(Path, sources):
+    for name in sources:
+        source = Path(name)
         if source.is_dir():
             files += _folder_files(source)
         elif source.is_file():
             _check_suffix(source)
             files.append(source)
         else:
-            raise InfuseError(f"{source}: no such file or folder. Check the path in `dataset:`.")
+            raise missing_source(name, f"Turn pages into documents first: `infuse ingest {name} --output "
+                                       "docs.jsonl`, and train on docs.jsonl.")
     return files
 
 

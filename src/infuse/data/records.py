@@ -17,6 +17,15 @@ RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
 Row = tuple[dict, str]
 
 
+def missing_source(source: str | Path, fetch_hint: str) -> InfuseError:
+    """The error for a data source that is neither a file nor a folder. URLs are not read during
+    training: a run hashes its files to know whether it may resume, and a page can change."""
+    text = str(source)
+    if "://" in text:
+        return InfuseError(f"{text}: `dataset` reads files and folders, not URLs. {fetch_hint}")
+    return InfuseError(f"{text}: no such file or folder. Check the path in `dataset`.")
+
+
 def is_record_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in RECORD_SUFFIXES
 
