@@ -430,7 +430,8 @@ def print_four_models(report: dict[str, Any], console: Console) -> None:
         {g for model in report["models"].values() for g in model["groups"]},
         key=lambda g: (GROUP_ORDER + [g]).index(g),
     )
-    table = Table(title="What each model knows (accuracy; stale answers in brackets)")
+    title = "What each model knows (accuracy; stale answers in brackets)"
+    table = Table(title=title, min_width=len(title))  # a narrow table would wrap its title
     table.add_column("model")
     for group in groups:
         table.add_column(group, justify="right")
