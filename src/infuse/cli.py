@@ -302,7 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
                                            "downloaded: pretrain a base model, fine-tune a chat model, infuse "
                                            "both with new pages, then serve and compare all four.")
     demo.add_argument("--output", default="out/demo", help="folder for every stage's output (reused on a rerun)")
-    demo.add_argument("--quick", action="store_true", help="shorter training, for CI (about 3 minutes)")
+    demo.add_argument("--quick", action="store_true",
+                      help="shorter training, a smoke test of every stage (1.5 to 3 minutes); the infused models "
+                           "learn less")
     demo.add_argument("--world", default=None, metavar="DIR",
                       help="a world folder of your own (pretrain.jsonl, sft.jsonl, news/, probes.jsonl)")
     demo.add_argument("--base", default=None, metavar="PATH", help="your base model: skips pretraining")
