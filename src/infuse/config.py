@@ -240,7 +240,8 @@ def config_from_dict(values: dict[str, Any], origin: str = "config") -> TrainCon
     errors += _validate(config)
     if config.evaluates and "eval_strategy" not in values:
         # evaluate with every checkpoint: each saved checkpoint then has an eval loss to compare
-        config.training["eval_strategy"] = config.training.get("save_strategy", "steps")
+        saving = config.training.get("save_strategy", "steps")
+        config.training["eval_strategy"] = "steps" if saving == "best" else saving
         config.training.setdefault("eval_steps", config.training.get("save_steps"))
     if config.early_stopping_patience:
         config.training.setdefault("load_best_model_at_end", True)
