@@ -102,3 +102,18 @@ def test_changed_data_stops_the_resume(recipe, tmp_path, shared_data, capsys):
     with pytest.raises(SystemExit):
         main(["train", str(recipe(out, max_steps=2, save_steps=2, dataset=[str(data)]))])
     assert "training data changed" in capsys.readouterr().err
+
+
+def test_a_key_only_one_infuse_version_knows_is_a_change_only_off_its_default():
+    from infuse.resume import describe_changes, run_fingerprint
+
+    older = run_fingerprint({"learning_rate": 1e-3, "lr_scheduler_type": "cosine"}, "data")
+    newer = {"learning_rate": 1e-3, "lr_scheduler_type": "cosine", "val_size": 0.0, "use_dora": False,
+             "eval_dataset": [], "eval_steps": 5}  # new keys at their defaults; how often to evaluate is neutral
+    assert describe_changes(older, run_fingerprint(newer, "data")) == []
+    assert describe_changes(run_fingerprint(newer, "data"), older) == []
+    held_out = run_fingerprint({**newer, "val_size": 0.2}, "data")
+    assert describe_changes(older, held_out) == ["val_size: '<unset>' -> 0.2"]
+    unset_training_key = {k: v for k, v in newer.items() if k != "lr_scheduler_type"}
+    assert describe_changes(older, run_fingerprint(unset_training_key, "data")) == [
+        "lr_scheduler_type: 'cosine' -> '<unset>'"]

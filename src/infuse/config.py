@@ -190,12 +190,19 @@ def describe_keys(width: int = 78) -> str:
     for spec in dataclasses.fields(TrainConfig):
         if spec.name == "training":
             continue
-        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
-        as_yaml = yaml.safe_dump(default, default_flow_style=True).splitlines()[0]
+        as_yaml = yaml.safe_dump(_default(spec), default_flow_style=True).splitlines()[0]
         text = f"{spec.metadata['help']} (default: {as_yaml})"
         lines.append(f"  {spec.name}")
         lines += textwrap.wrap(text, width, initial_indent="      ", subsequent_indent="      ")
     return "\n".join(lines)
+
+
+def own_defaults() -> dict[str, Any]:
+    return {spec.name: _default(spec) for spec in dataclasses.fields(TrainConfig) if spec.name != "training"}
+
+
+def _default(spec: dataclasses.Field) -> Any:
+    return spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
 
 
 def own_keys() -> set[str]:

@@ -31,6 +31,8 @@ NEUTRAL_KEYS = {
     "save_steps", "save_strategy", "save_total_limit", "save_only_model", "run_name", "cache_dir",
     "preprocessing_num_workers", "dataloader_num_workers", "dataloader_persistent_workers",
     "dataloader_prefetch_factor", "dataloader_pin_memory", "push_to_hub", "hub_model_id",
+    "eval_strategy", "eval_steps", "eval_delay", "eval_on_start", "per_device_eval_batch_size",
+    "eval_accumulation_steps",
 }
 
 
@@ -103,10 +105,17 @@ def check_same_run(checkpoint: Path, fingerprint: dict[str, Any]) -> None:
 
 
 def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between two run fingerprints. A key of infuse's own that only one of them has
+    (one infuse version knows it, the other does not) is a change only if it is off its default."""
+    from infuse.config import own_defaults
+
+    defaults = json.loads(json.dumps(own_defaults()))
     changes = []
     old_settings, new_settings = old["settings"], new["settings"]
     for key in sorted(set(old_settings) | set(new_settings)):
         before, after = old_settings.get(key, "<unset>"), new_settings.get(key, "<unset>")
+        if "<unset>" in (before, after) and key in defaults and defaults[key] in (before, after):
+            continue
         if before != after:
             changes.append(f"{key}: {before!r} -> {after!r}")
     if old["data"] != new["data"]:
