@@ -149,7 +149,7 @@ def test_undetectable_rows_name_the_fields_found(tmp_path):
 def test_missing_and_unsupported_sources_are_errors(tmp_path):
     with pytest.raises(InfuseError, match="no such file or folder"):
         load_conversations([tmp_path / "absent.jsonl"])
-    with pytest.raises(InfuseError, match=r"^https://example\.com/chats\.jsonl: `dataset` reads files and folders, "
+    with pytest.raises(InfuseError, match=r"^https://example\.com/chats\.jsonl: training reads files and folders, "
                                           r"not URLs\. Download"):
         load_conversations(["https://example.com/chats.jsonl"])
     (tmp_path / "notes.txt").write_text("hello")

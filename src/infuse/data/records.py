@@ -22,8 +22,8 @@ def missing_source(source: str | Path, fetch_hint: str) -> InfuseError:
     training: a run hashes its files to know whether it may resume, and a page can change."""
     text = str(source)
     if "://" in text:
-        return InfuseError(f"{text}: `dataset` reads files and folders, not URLs. {fetch_hint}")
-    return InfuseError(f"{text}: no such file or folder. Check the path in `dataset`.")
+        return InfuseError(f"{text}: training reads files and folders, not URLs. {fetch_hint}")
+    return InfuseError(f"{text}: no such file or folder. Check the path in the config.")
 
 
 def is_record_file(path: str | Path) -> bool:
