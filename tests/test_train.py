@@ -134,7 +134,7 @@ def test_replay_is_drawn_afresh_each_epoch(pretrained, small_corpus, shared_data
 
 
 def test_held_out_blocks_are_not_trained_on_and_general_text_can_be_evaluated_instead(
-    pretrained, small_corpus, shared_data, tmp_path
+    pretrained, small_corpus, shared_data, tmp_path, capfd
 ):
     common = {"model_name_or_path": str(pretrained["dir"]), "dataset": [str(small_corpus)], "finetuning_type": "lora",
               "block_size": 64, "num_train_epochs": 1, "max_steps": -1, "per_device_train_batch_size": 32,
@@ -149,7 +149,7 @@ def test_held_out_blocks_are_not_trained_on_and_general_text_can_be_evaluated_in
     general_text.write_text("\n".join((shared_data / "wiki_demo.txt").read_text().splitlines()[:2]))
     console = quiet()
     general = run(config_from_dict({**common, "eval_dataset": [str(general_text)], "save_steps": 2,
-                                    "output_dir": str(tmp_path / "general")}), console)
+                                    "finetuning_type": "full", "output_dir": str(tmp_path / "general")}), console)
     evaluated = general["data"]["eval"]
     assert evaluated["eval_dataset"] == [str(general_text)] and evaluated["documents"] == 2
     assert evaluated["rows"] == evaluated["blocks"] > 0 and evaluated["shuffled_copies"] == 0
@@ -159,6 +159,7 @@ def test_held_out_blocks_are_not_trained_on_and_general_text_can_be_evaluated_in
     assert set(range(2, steps + 1, 2)) <= set(evaluations) and evaluations[-1] == steps
     assert f"Evaluation: loss {general['metrics']['eval_loss']:.4f}" in console.file.getvalue()
     assert "Evaluation data: 2 documents" in console.file.getvalue()
+    assert "Writing model shards" not in capfd.readouterr().err  # no library bar through the training bar
 
 
 def test_seed_knowledge_recipe_runs_on_a_tiny_llama(tiny_llama_config_path, tokenizer_dir, small_corpus, tmp_path):

@@ -23,6 +23,7 @@ from infuse import __version__
 from infuse.averaging import WeightAveraging
 from infuse.config import TrainConfig
 from infuse.errors import InfuseError
+from infuse.logs import quiet_progress_bars
 from infuse.models import check_model_source, describe_model, load_model, load_tokenizer
 from infuse.progress import RichProgress
 from infuse.resume import SealCheckpoints, plan_resume, run_fingerprint
@@ -84,7 +85,8 @@ def run(config: TrainConfig, console: Console | None = None,
                    EpochData(data.dataset)],
     )
     trainer.remove_callback(PrinterCallback)  # RichProgress prints the logs; this would print them again
-    result = trainer.train(resume_from_checkpoint=plan.checkpoint)
+    with quiet_progress_bars():  # a checkpoint's "Writing model shards" bar would cut through the training bar
+        result = trainer.train(resume_from_checkpoint=plan.checkpoint)
     if averaging:
         data.stats["train"]["weight_averaging"] = averaging[0].summary()
     if stopping:
@@ -95,7 +97,8 @@ def run(config: TrainConfig, console: Console | None = None,
         data.stats["train"]["speedups"]["attention_calls"] = dict(attention_calls)
         stop_at_end_of_turn(trainer.model, tokenizer, data.stats["train"]["end_of_turn"], output_dir)
     metrics = {**result.metrics, **final_evaluation(trainer, data, console)}
-    trainer.save_model(str(output_dir))
+    with quiet_progress_bars():
+        trainer.save_model(str(output_dir))
     tokenizer.save_pretrained(str(output_dir))
     manifest = build_manifest(config, data, trainer, metrics, plan.checkpoint, started)
     (output_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
