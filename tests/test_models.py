@@ -172,6 +172,13 @@ def test_dora_adds_a_trained_magnitude_and_rslora_scales_by_the_root_of_the_rank
     assert all(model.get_parameter(n).grad is not None for n in magnitudes)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for bitsandbytes on a CPU")
+def test_dora_on_a_4bit_base_is_refused_on_a_cpu(tmp_path, tiny_llama_dir):
+    config = make_config(tmp_path, model_name_or_path=str(tiny_llama_dir), finetuning_type="qlora", use_dora=True)
+    with pytest.raises(InfuseError, match="use_dora with finetuning_type: qlora needs a CUDA GPU"):
+        load_model(config, None)
+
+
 def test_lora_target_names_wrap_only_those_modules(tmp_path, tiny_llama_dir, plain_llama):
     config = make_config(tmp_path, model_name_or_path=str(tiny_llama_dir), lora_target=["q_proj", "v_proj"],
                          bf16=True)

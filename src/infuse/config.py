@@ -74,7 +74,8 @@ class TrainConfig:
     lora_dropout: float = _help("Dropout on the LoRA path.", 0.05)
     lora_target: str | list[str] = _help("all-linear, or a list of module names to adapt.", "all-linear")
     use_dora: bool = _help("DoRA: each adapted weight also learns its magnitude apart from its direction "
-                           "(peft's weight-decomposed LoRA); slower steps, often closer to full fine-tuning.", False)
+                           "(peft's weight-decomposed LoRA); slower steps, often closer to full fine-tuning. With "
+                           "qlora only on a CUDA GPU.", False)
     use_rslora: bool = _help("Rank-stabilised LoRA: scale the adapters by lora_alpha / sqrt(lora_rank) instead "
                              "of lora_alpha / lora_rank, so high ranks still learn.", False)
     modules_to_save: list[str] | None = _help("Modules trained in full next to the adapters.")

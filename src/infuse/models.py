@@ -117,6 +117,7 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerB
 def load_model(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel | PeftModel:
     """The model ``config`` trains: built or loaded, quantized for qlora, wrapped with LoRA for
     lora/qlora, with activation checkpointing when the training keys ask for it."""
+    check_dora_on_4bit(config)
     if config.model_config:
         model = _build_for_training(config, tokenizer)
     else:
@@ -133,6 +134,17 @@ def load_model(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> PreTr
     if config.finetuning_type in ("lora", "qlora"):
         model = _wrap_lora(model, config)
     return model
+
+
+def check_dora_on_4bit(config: TrainConfig) -> None:
+    """DoRA over a 4-bit base only on a GPU. On a CPU, bitsandbytes repacks a 4-bit weight for its
+    own kernel at the first forward pass, and peft's DoRA reads the weight's norm by dequantizing it
+    as if it were not repacked: a tiny Llama's dequantized q_proj then differed by 0.40 at weights
+    of at most 0.28, the adapter trained against wrong norms and did not merge."""
+    if config.use_dora and config.finetuning_type == "qlora" and not torch.cuda.is_available():
+        raise InfuseError("use_dora with finetuning_type: qlora needs a CUDA GPU: on a CPU, bitsandbytes repacks "
+                          "4-bit weights after the first forward pass and peft's DoRA then reads wrong weight "
+                          "norms. Use finetuning_type: lora with use_dora, or qlora without it.")
 
 
 def _build_for_training(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
