@@ -137,7 +137,6 @@ def describe_steps(config: TrainConfig, samples: int) -> str:
 def preflight_pretrain(config: TrainConfig, tokenizer, console: Console,
                        findings: Findings) -> tuple[int, int]:
     """Pack the documents as training would (reusing and filling its cache); (largest id, blocks)."""
-    from infuse.data.pretrain import max_token_id
     from infuse.train import build_pretrain_data
 
     data = build_pretrain_data(config, tokenizer, console)
@@ -152,8 +151,14 @@ def preflight_pretrain(config: TrainConfig, tokenizer, console: Console,
     first = data.dataset[0]
     real = [token for token, mask in zip(first["input_ids"], first["attention_mask"], strict=True) if mask]
     show_text("First block", tokenizer.decode(real[:200]), console)
-    evaluated = [] if data.eval_dataset is None else [max_token_id(data.eval_dataset)]
-    return max([max_token_id(data.dataset), *evaluated]), len(data.dataset)
+    return largest_token_id(data.dataset, data.eval_dataset), len(data.dataset)
+
+
+def largest_token_id(*datasets) -> int:
+    """The largest token id of the training and evaluation data (None for data there is not)."""
+    from infuse.data.pretrain import max_token_id
+
+    return max(max_token_id(dataset) for dataset in datasets if dataset is not None)
 
 
 def show_text(title: str, text: str, console: Console) -> None:
@@ -193,8 +198,7 @@ def preflight_sft(config: TrainConfig, tokenizer, console: Console, findings: Fi
     check_round_trip(conversations, tokenizer, template, console, findings)
     check_batches(dataset, tokenizer, config.packing, console, findings)
     dataset, evaluation, _, _ = evaluation_samples(dataset, config, tokenizer, template, console)
-    samples = [dataset] if evaluation is None else [dataset, evaluation]
-    return max(max(ids) for part in samples for ids in part["input_ids"]), len(dataset)
+    return largest_token_id(dataset, evaluation), len(dataset)
 
 
 def shown_indices(count: int, shown: int = SHOWN_SAMPLES) -> list[int]:

@@ -680,7 +680,8 @@ class ReplayMix(torch.utils.data.Dataset):
 
 
 def max_token_id(dataset: Dataset | ReplayMix) -> int:
-    """The largest token id in a block dataset, read from its arrow column without a Python loop."""
+    """The largest token id in a dataset of input_ids (blocks or samples), read from its arrow column without
+    a Python loop; a split of a dataset reads the whole table it shares."""
     if isinstance(dataset, ReplayMix):
         return max(max_token_id(dataset.dataset), max_token_id(dataset.replay))
     column = dataset.data.table.column("input_ids")

@@ -37,6 +37,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import DataCollatorWithFlattening
 
 from infuse.config import OVERLONG_POLICIES
+from infuse.data.evaluation import eval_counts, hold_out
 from infuse.data.formats import BadRow, BadRows, Conversation, load_conversations
 from infuse.data.templates import TOOLS_INTRO, apply_template, end_of_turn, is_single_token, render
 from infuse.errors import InfuseError
@@ -489,8 +490,6 @@ def loss_scope(config) -> LossScope:
 def evaluation_samples(dataset, config, tokenizer, template: str, console: Console):
     """``(train, eval, eval counts, eval fingerprint)``: ``val_size`` of ``dataset`` held out, or the
     samples of ``eval_dataset`` read like the training data; eval is None when the config has neither."""
-    from infuse.train import eval_counts, hold_out
-
     if config.val_size:
         dataset, evaluation = hold_out(dataset, config.val_size, config.training.get("seed", 42), "samples", console)
         return dataset, evaluation, eval_counts(evaluation, config), ""
