@@ -24,7 +24,7 @@ class RecordWeights(TrainerCallback):
         self.steps: dict[int, dict[str, torch.Tensor]] = {}
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        self.steps[state.global_step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.steps[state.global_step] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 @pytest.fixture

@@ -46,7 +46,8 @@ def qlora_run(tmp_path_factory, tiny_llama_dir, shared_data) -> Path:
 
 @torch.no_grad()
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids).logits[0].float()
+    """On the model's device (a 4-bit model is on the GPU where there is one), returned on the CPU."""
+    return model(input_ids=ids.to(model.device)).logits[0].float().cpu()
 
 
 def test_qlora_adapter_merges_passes_the_check_and_loads_with_plain_transformers(

@@ -50,7 +50,7 @@ def lora_size(model: torch.nn.Module, rank: int, names: set[str] | None = None) 
 
 
 def train_step(model) -> torch.Tensor:
-    ids = torch.arange(2, 66).view(2, 32)
+    ids = torch.arange(2, 66).view(2, 32).to(model.device)  # a 4-bit model sits on the GPU where there is one
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     assert torch.isfinite(loss)
@@ -69,7 +69,7 @@ def randomize_lora(model) -> None:
 @torch.no_grad()
 def logits_of(model) -> torch.Tensor:
     model.eval()
-    return model(input_ids=torch.arange(5, 45).view(2, 20)).logits.float()
+    return model(input_ids=torch.arange(5, 45).view(2, 20).to(model.device)).logits.float().cpu()
 
 
 @pytest.fixture(scope="module")
@@ -294,11 +294,12 @@ def test_qlora_adapter_reloads_on_the_same_quantized_base(tmp_path, llama_for_4b
     model.save_pretrained(adapter)
 
     quantization = quantization_config(config)
+    device = model.get_base_model().device  # the GPU where there is one: the same kernels give the same logits
     base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quantization,
-                                                dtype=torch.float32, device_map="cpu")
+                                                dtype=torch.float32, device_map=device)
     fresh = PeftModel.from_pretrained(base, adapter)
     assert (logits_of(fresh) - trained).abs().max().item() == 0
-    served, _ = load_for_inference(f"{base_dir}+{adapter}", dtype=torch.float32, device="cpu",
+    served, _ = load_for_inference(f"{base_dir}+{adapter}", dtype=torch.float32, device=str(device),
                                    quantization=quantization)
     assert torch.equal(logits_of(served), trained)
 

@@ -204,23 +204,25 @@ def test_an_sft_run_turns_both_on_and_records_what_ran(tiny_llama_dir, tmp_path,
         "report_to": "none", "save_strategy": "no",
     })
     layers = json.loads((tiny_llama_dir / "config.json").read_text())["num_hidden_layers"]
-    on_cpu = {"per_sample": 2 * layers}  # each layer of each of the 2 steps, one sdpa call per sample
+    # each layer of each of the 2 steps: on a CPU one sdpa call per sample, on a GPU in fp32 the masked row
+    kernel = {"masked_row" if torch.cuda.is_available() else "per_sample": 2 * layers}
     manifest = run(config, Console(file=io.StringIO()))
     assert manifest["data"]["train"]["speedups"] == {
-        "sample_attention": True, "logits_where_trained": True, "attention_calls": on_cpu}
+        "sample_attention": True, "logits_where_trained": True, "attention_calls": kernel}
     smoothed = replace(config, training={**config.training, "label_smoothing_factor": 0.1,
                                          "output_dir": str(tmp_path / "smoothed")})
     manifest = run(smoothed, Console(file=io.StringIO()))
     assert manifest["data"]["train"]["speedups"] == {
-        "sample_attention": True, "logits_where_trained": False, "attention_calls": on_cpu}
+        "sample_attention": True, "logits_where_trained": False, "attention_calls": kernel}
 
 
 def flash_varlen_stand_in(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None,
-                          window_size=(-1, -1), enable_gqa=False):
+                          window_size=(-1, -1), is_causal=False, enable_gqa=False):
     """What torch's varlen flash attention computes (it needs a CUDA GPU), from its own layout:
-    (length, heads, head_dim) rows, samples given by cumulative starts, causal by ``window_size``."""
+    (length, heads, head_dim) rows, samples given by cumulative starts, causal by ``window_size``
+    (or, in older torch, by ``is_causal``)."""
     assert torch.equal(cu_seq_q, cu_seq_k) and max_q == max_k == int(cu_seq_q.diff().max())
-    assert window_size == (-1, 0)
+    assert window_size == (-1, 0) or is_causal
     pieces = []
     for start, end in zip(cu_seq_q[:-1].tolist(), cu_seq_q[1:].tolist(), strict=True):
         q, k, v = (tensor[start:end].transpose(0, 1) for tensor in (query, key, value))
@@ -243,17 +245,22 @@ def test_where_calls_per_sample_do_not_pay_the_row_keeps_sdpas_mask(tiny_llama_d
     assert packing.attention_calls == {"masked_row": model.config.num_hidden_layers}
 
 
-@pytest.fixture
-def varlen_calls(monkeypatch) -> list[dict]:
-    """Sends packed rows to ``flash_varlen_stand_in`` as if on a GPU; records each call's query
-    dtype and ``enable_gqa``."""
+VARLEN_SIGNATURES = {"newer torch": {"scale", "window_size", "enable_gqa"}, "older torch": {"scale", "is_causal"}}
+
+
+@pytest.fixture(params=VARLEN_SIGNATURES.values(), ids=VARLEN_SIGNATURES.keys())
+def varlen_calls(request, monkeypatch) -> list[dict]:
+    """Sends packed rows to ``flash_varlen_stand_in`` as if on a GPU, with the keyword arguments of
+    either torch version whatever torch is installed; records each call's query dtype and
+    ``enable_gqa``."""
     calls = []
 
     def stand_in(query, *args, **kwargs):
-        calls.append({"dtype": query.dtype, "enable_gqa": kwargs["enable_gqa"]})
+        calls.append({"dtype": query.dtype, "enable_gqa": kwargs.get("enable_gqa")})
         return flash_varlen_stand_in(query, *args, **kwargs)
 
     monkeypatch.setattr(packing, "varlen_attn", stand_in)
+    monkeypatch.setattr(packing, "VARLEN_ARGUMENTS", request.param)
     monkeypatch.setattr(packing, "varlen_kernel_fits", lambda query, dropout: True)
     return calls
 
@@ -270,8 +277,9 @@ def test_on_a_gpu_the_row_goes_to_varlen_flash_attention_in_its_layout(architect
     use_sample_attention(model)
     assert_same(reference, loss_and_grads(model, batch))
     heads = model.config.num_attention_heads // model.config.num_key_value_heads
-    # one call per layer for the whole row
-    assert [call["enable_gqa"] for call in varlen_calls] == [heads > 1] * model.config.num_hidden_layers
+    # one call per layer for the whole row; a kernel without enable_gqa gets the key/value heads repeated
+    grouped = heads > 1 if "enable_gqa" in packing.VARLEN_ARGUMENTS else None
+    assert [call["enable_gqa"] for call in varlen_calls] == [grouped] * model.config.num_hidden_layers
 
 
 def test_under_autocast_the_varlen_kernel_gets_the_precision_sdpa_would_use(tiny_llama_dir, features, varlen_calls):

@@ -37,6 +37,7 @@ class KeepModel(TrainerCallback):
 @torch.no_grad()
 def corpus_loss(model, tokenizer, texts: list[str], block_size: int = 64) -> float:
     ids = torch.tensor(tokenizer("\n".join(texts)).input_ids[: block_size * 8]).view(-1, block_size)
+    ids = ids.to(model.device)
     return model(input_ids=ids, labels=ids).loss.item()
 
 
@@ -95,10 +96,10 @@ def test_adapter_infusion_lowers_corpus_loss_and_reloads_with_plain_peft(
     if finetuning_type == "qlora":
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quantization)
-    reloaded = PeftModel.from_pretrained(base, tmp_path / "run").eval()
     trained = keep.model.eval()
-    ids = torch.tensor([tokenizer(texts[0]).input_ids[:48]])
+    base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quantization, device_map=trained.device)
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "run").eval()
+    ids = torch.tensor([tokenizer(texts[0]).input_ids[:48]], device=trained.device)
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, trained(input_ids=ids).logits)
     after = corpus_loss(reloaded, tokenizer, texts)
