@@ -66,7 +66,7 @@ def test_unknown_config_key_suggests_the_close_match(recipe, capsys):
 
 
 def test_model_path_that_does_not_exist(recipe, tmp_path, capsys):
-    missing = tmp_path / "no-such-model"
+    missing = tmp_path / ("no-such-model-" + "x" * 80)  # longer than a line: the path must not be folded
     err = fails_with(
         ["train", str(recipe), "--model_config", "null", "--model_name_or_path", str(missing)], capsys
     )

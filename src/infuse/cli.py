@@ -350,7 +350,7 @@ def run_command(func: Callable[[argparse.Namespace], None], args: argparse.Names
     except InfuseError as e:
         if args.debug:
             raise
-        err_console.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False)
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")
@@ -359,7 +359,7 @@ def run_command(func: Callable[[argparse.Namespace], None], args: argparse.Names
         if args.debug:
             raise
         err_console.print(f"[bold red]error:[/bold red] {type(e).__name__}: {escape(str(e))}\n"
-                          "(run with --debug for the traceback)", highlight=False)
+                          "(run with --debug for the traceback)", highlight=False, soft_wrap=True)
         sys.exit(1)
 
 
