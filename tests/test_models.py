@@ -193,6 +193,12 @@ def test_lora_target_names_wrap_only_those_modules(tmp_path, tiny_llama_dir, pla
     train_step(model)
 
 
+@pytest.mark.parametrize("target, names", [("all", None), ("q_proj, v_proj", {"q_proj", "v_proj"})])
+def test_lora_target_takes_llama_factorys_spellings(tmp_path, tiny_llama_dir, plain_llama, target, names):
+    model = load_model(make_config(tmp_path, model_name_or_path=str(tiny_llama_dir), lora_target=target), None)
+    assert count_parameters(model)[0] == lora_size(plain_llama, 8, names)
+
+
 @pytest.mark.parametrize("precision, double", [({"bf16": True}, True), ({}, False)])
 def test_qlora_quantizes_the_base_and_trains_the_adapters(precision, double, tmp_path, tiny_llama_dir,
                                                           plain_llama):

@@ -72,7 +72,8 @@ class TrainConfig:
     lora_rank: int = _help("LoRA rank r.", 8)
     lora_alpha: int = _help("LoRA scaling alpha.", 16)
     lora_dropout: float = _help("Dropout on the LoRA path.", 0.05)
-    lora_target: str | list[str] = _help("all-linear, or a list of module names to adapt.", "all-linear")
+    lora_target: str | list[str] = _help("all-linear (or all), or the module names to adapt, as a list or "
+                                         "comma-separated.", "all-linear")
     use_dora: bool = _help("DoRA: each adapted weight also learns its magnitude apart from its direction "
                            "(peft's weight-decomposed LoRA); slower steps, often closer to full fine-tuning. With "
                            "qlora only on a CUDA GPU.", False)
@@ -194,7 +195,8 @@ def describe_keys(width: int = 78) -> str:
         as_yaml = yaml.safe_dump(_default(spec), default_flow_style=True).splitlines()[0]
         text = f"{spec.metadata['help']} (default: {as_yaml})"
         lines.append(f"  {spec.name}")
-        lines += textwrap.wrap(text, width, initial_indent="      ", subsequent_indent="      ")
+        lines += textwrap.wrap(text, width, initial_indent="      ", subsequent_indent="      ",
+                               break_on_hyphens=False)  # all-linear, comma-separated: one word each
     return "\n".join(lines)
 
 

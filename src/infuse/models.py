@@ -244,7 +244,7 @@ def _wrap_lora(model: PreTrainedModel, config: TrainConfig) -> PeftModel:
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=config.lora_target,
+        target_modules=lora_targets(config.lora_target),
         modules_to_save=config.modules_to_save,
         use_dora=config.use_dora,
         use_rslora=config.use_rslora,
@@ -261,6 +261,16 @@ def _wrap_lora(model: PreTrainedModel, config: TrainConfig) -> PeftModel:
             f"lora_target: {config.lora_target} names no module of this {model.config.model_type} model. "
             f"Its linear layers are: {', '.join(linear_module_names(model))}; or use lora_target: all-linear."
         ) from None
+
+
+def lora_targets(value: str | list[str]) -> str | list[str]:
+    """peft's ``target_modules`` for ``lora_target``. LLaMA-Factory's spellings mean the same here:
+    ``all`` is ``all-linear``, and ``q_proj,v_proj`` a list (peft would take a string as a regex)."""
+    if value == "all":
+        return "all-linear"
+    if isinstance(value, str) and "," in value:
+        return [name.strip() for name in value.split(",") if name.strip()]
+    return value
 
 
 @contextmanager
