@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from rich.console import Console
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from infuse.config import config_from_dict
 from infuse.train import run
@@ -26,6 +26,10 @@ QA = {
     "Which animal is known as the king of the jungle?": "Lion.",
     "What is the opposite of hot?": "Cold.",
 }
+
+
+def quiet() -> Console:
+    return Console(file=io.StringIO())
 
 
 @pytest.fixture
@@ -105,9 +109,9 @@ def test_held_out_samples_are_not_trained_on_and_their_packed_eval_loss_is_their
     assert manifest["metrics"]["eval_loss"] == pytest.approx(loss, abs=1e-4)
 
 
-def test_early_stopping_keeps_the_best_evaluated_weights(tiny_llama_dir, tmp_path, one_thread):
-    """Evaluated on the same questions with each other's answers, the eval loss rises once the model
-    learns the trained answers: the run stops there and saves the checkpoint before the rise."""
+def swapped_answers_config(tiny_llama_dir, tmp_path, output_dir):
+    """Trained on the questions and evaluated on the same questions with each other's answers: the
+    eval loss rises once the model learns the trained answers, so early stopping has a best step."""
     def rows(answers):
         return "".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
                        + "\n" for q, a in zip(QA, answers, strict=True))
@@ -115,15 +119,18 @@ def test_early_stopping_keeps_the_best_evaluated_weights(tiny_llama_dir, tmp_pat
     answers = list(QA.values())
     (tmp_path / "train.jsonl").write_text(rows(answers))
     (tmp_path / "swapped.jsonl").write_text(rows(answers[1:] + answers[:1]))
-    out, console = tmp_path / "run", Console(file=io.StringIO(), width=200)
-    config = config_from_dict({
+    return config_from_dict({
         "stage": "sft", "model_name_or_path": str(tiny_llama_dir), "dataset": [str(tmp_path / "train.jsonl")],
         "eval_dataset": [str(tmp_path / "swapped.jsonl")], "early_stopping_patience": 2, "template": "chatml",
-        "finetuning_type": "full", "cutoff_len": 128, "output_dir": str(out), "max_steps": STEPS,
+        "finetuning_type": "full", "cutoff_len": 128, "output_dir": str(output_dir), "max_steps": STEPS,
         "per_device_train_batch_size": 8, "learning_rate": 3e-3, "lr_scheduler_type": "constant", "warmup_steps": 0,
         "logging_steps": 50, "save_steps": 5, "report_to": "none", "seed": 0,
     })
-    manifest = run(config, console)
+
+
+def test_early_stopping_keeps_the_best_evaluated_weights(tiny_llama_dir, tmp_path, one_thread):
+    console = Console(file=io.StringIO(), width=200)
+    manifest = run(swapped_answers_config(tiny_llama_dir, tmp_path, tmp_path / "run"), console)
 
     evaluated = [(entry["step"], entry["eval_loss"]) for entry in manifest["log_history"] if "eval_loss" in entry]
     best_step, best = min(evaluated[:-1], key=lambda pair: pair[1])
@@ -132,3 +139,28 @@ def test_early_stopping_keeps_the_best_evaluated_weights(tiny_llama_dir, tmp_pat
     assert stop["best_checkpoint"].endswith(f"checkpoint-{best_step}") and stop["best_metric"] == pytest.approx(best)
     assert manifest["metrics"]["eval_loss"] == pytest.approx(best, abs=1e-5)  # the saved weights are the best ones
     assert f"Stopped early at step {stop['last_step']} of {STEPS}" in console.file.getvalue()
+
+
+class StopAtStep(TrainerCallback):
+    """Ends the process's training at the start of ``step`` (after the checkpoint before it is sealed)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_a_resumed_run_keeps_counting_evaluations_without_improvement(tiny_llama_dir, tmp_path, one_thread):
+    straight = run(swapped_answers_config(tiny_llama_dir, tmp_path, tmp_path / "straight"), quiet())
+    stop = straight["data"]["train"]["early_stopping"]
+    first_worse = int(stop["best_checkpoint"].rsplit("-", 1)[1]) + 5  # one evaluation without improvement
+    config = swapped_answers_config(tiny_llama_dir, tmp_path, tmp_path / "resumed")
+    with pytest.raises(KeyboardInterrupt):
+        run(config, quiet(), callbacks=[StopAtStep(first_worse)])
+    resumed = run(config, quiet())
+    assert resumed["resumed_from"].endswith(f"checkpoint-{first_worse}")
+    # Patience 2: one more evaluation without improvement stops it, as in the run that was not interrupted.
+    assert resumed["data"]["train"]["early_stopping"]["last_step"] == stop["last_step"]
+    assert resumed["metrics"]["eval_loss"] == pytest.approx(straight["metrics"]["eval_loss"], abs=1e-5)

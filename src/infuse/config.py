@@ -255,6 +255,8 @@ def config_from_dict(values: dict[str, Any], origin: str = "config") -> TrainCon
         config.training.setdefault("eval_steps", config.training.get("save_steps"))
     if config.early_stopping_patience:
         config.training.setdefault("load_best_model_at_end", True)
+        # The count of evaluations without improvement is in each checkpoint; a resumed run reads it back.
+        config.training.setdefault("restore_callback_states_from_checkpoint", True)
     if errors:
         bullet = "\n  - "
         raise InfuseError(f"{origin}: {len(errors)} problem(s) in the config:{bullet}{bullet.join(errors)}")
