@@ -55,6 +55,13 @@ def test_the_saved_model_is_the_mean_of_the_weights_from_swa_start_on(train, tmp
     assert checkpoint["count"] == 1  # step 4, kept for a resumed run
 
 
+def test_the_final_evaluation_scores_the_average_not_the_last_step(train):
+    manifest, _ = train(swa_start=0.5, val_size=8, max_steps=8)
+    evaluations = [entry for entry in manifest["log_history"] if "eval_loss" in entry]
+    assert [entry["step"] for entry in evaluations] == [4, 8, 8]  # with the checkpoints, then the average
+    assert manifest["metrics"]["eval_loss"] == evaluations[-1]["eval_loss"] != evaluations[-2]["eval_loss"]
+
+
 def test_without_swa_start_the_last_steps_weights_are_saved(train, tmp_path):
     manifest, recorder = train()
     assert "weight_averaging" not in manifest["data"]["train"]

@@ -87,17 +87,15 @@ def run(config: TrainConfig, console: Console | None = None,
     trainer.remove_callback(PrinterCallback)  # RichProgress prints the logs; this would print them again
     with quiet_progress_bars():  # a checkpoint's "Writing model shards" bar would cut through the training bar
         result = trainer.train(resume_from_checkpoint=plan.checkpoint)
-    if averaging:
-        data.stats["train"]["weight_averaging"] = averaging[0].summary()
-    if stopping:
-        data.stats["train"]["early_stopping"] = report_early_stop(trainer.state, config.early_stopping_patience,
-                                                                  console)
-
-    if config.stage == "sft":
-        data.stats["train"]["speedups"]["attention_calls"] = dict(attention_calls)
-        stop_at_end_of_turn(trainer.model, tokenizer, data.stats["train"]["end_of_turn"], output_dir)
-    metrics = {**result.metrics, **final_evaluation(trainer, data, console)}
-    with quiet_progress_bars():
+        if averaging:
+            data.stats["train"]["weight_averaging"] = averaging[0].summary()
+        if stopping:
+            data.stats["train"]["early_stopping"] = report_early_stop(trainer.state, config.early_stopping_patience,
+                                                                      console)
+        if config.stage == "sft":
+            data.stats["train"]["speedups"]["attention_calls"] = dict(attention_calls)
+            stop_at_end_of_turn(trainer.model, tokenizer, data.stats["train"]["end_of_turn"], output_dir)
+        metrics = {**result.metrics, **final_evaluation(trainer, data, console, averaged=bool(averaging))}
         trainer.save_model(str(output_dir))
     tokenizer.save_pretrained(str(output_dir))
     manifest = build_manifest(config, data, trainer, metrics, plan.checkpoint, started)
@@ -217,11 +215,18 @@ def report_early_stop(state, patience: int, console: Console) -> dict[str, Any]:
     return summary
 
 
-def final_evaluation(trainer: Trainer, data: TrainData, console: Console) -> dict[str, float]:
-    """The eval loss of the weights being saved (for ``swa_start``, the average), and its perplexity."""
+def final_evaluation(trainer: Trainer, data: TrainData, console: Console, averaged: bool) -> dict[str, float]:
+    """The eval loss of the weights being saved (for ``swa_start``, the average), and its perplexity.
+    An evaluation scheduled at the last step already scored them, unless the saved weights are
+    another step's (the best checkpoint) or an average."""
     if data.eval_dataset is None:
         return {}
-    loss = trainer.evaluate()["eval_loss"]
+    evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    last_weights = not averaged and not trainer.args.load_best_model_at_end
+    if last_weights and evaluations and evaluations[-1]["step"] == trainer.state.global_step:
+        loss = evaluations[-1]["eval_loss"]
+    else:
+        loss = trainer.evaluate()["eval_loss"]
     perplexity = math.exp(min(loss, 50.0))
     counts = data.stats["eval"]
     console.print(f"Evaluation: loss {loss:.4f}, perplexity {perplexity:.2f} on {counts['rows']:,} rows "
