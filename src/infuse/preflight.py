@@ -177,25 +177,21 @@ def clip(text: str, head: int = SHOWN_HEAD, tail: int = SHOWN_TAIL) -> str:
 
 def preflight_sft(config: TrainConfig, tokenizer, console: Console, findings: Findings) -> tuple[int, int]:
     """Tokenize the conversations as training would, show samples and check them; (largest id, samples)."""
-    from infuse.data.formats import load_conversations
-    from infuse.data.sft import build_sft_dataset, evaluation_samples, loss_scope, report_sft_data
-    from infuse.data.templates import apply_template
+    from infuse.data.sft import evaluation_samples, read_sft_samples
+    from infuse.data.templates import apply_template, end_of_turn
 
     template = apply_template(tokenizer, config.template)
-    conversations, loaded = load_conversations(config.dataset, config.dataset_format, config.bad_rows,
-                                               config.placeholders)
-    dataset, stats = build_sft_dataset(conversations, tokenizer, template, config.cutoff_len, config.overlong,
-                                       config.bad_rows, scope=loss_scope(config))
     packing = "on" if config.packing else "off"
-    console.print(f"Template: {config.template}; end of turn {stats.end_of_turn!r}; cutoff_len "
+    console.print(f"Template: {config.template}; end of turn {end_of_turn(tokenizer, template)!r}; cutoff_len "
                   f"{config.cutoff_len} (overlong: {config.overlong}); packing {packing}.", highlight=False)
-    report_sft_data(loaded, stats, tokenizer, template, conversations, console)
+    samples = read_sft_samples(config.dataset, config, tokenizer, template, console)
+    dataset, stats, skipped = samples.dataset, samples.stats, samples.loaded.skipped + samples.stats.skipped
     console.print(f"Truncated samples: {stats.truncated}; dropped samples: {sum(stats.dropped.values())}; "
-                  f"skipped rows: {sum((loaded.skipped + stats.skipped).values())}.", highlight=False)
+                  f"skipped rows: {sum(skipped.values())}.", highlight=False)
     for index in shown_indices(len(dataset)):
         show_sample(index, len(dataset), dataset[index], tokenizer, console)
     check_end_of_turn(dataset, tokenizer, stats.end_of_turn, config.cutoff_len, console, findings)
-    check_round_trip(conversations, tokenizer, template, console, findings)
+    check_round_trip(samples.conversations, tokenizer, template, console, findings)
     check_batches(dataset, tokenizer, config.packing, console, findings)
     dataset, evaluation, _, _ = evaluation_samples(dataset, config, tokenizer, template, console)
     return largest_token_id(dataset, evaluation), len(dataset)

@@ -38,7 +38,7 @@ from transformers import DataCollatorWithFlattening
 
 from infuse.config import OVERLONG_POLICIES
 from infuse.data.evaluation import eval_counts, hold_out
-from infuse.data.formats import BadRow, BadRows, Conversation, load_conversations
+from infuse.data.formats import BadRow, BadRows, Conversation, LoadStats, load_conversations
 from infuse.data.templates import TOOLS_INTRO, apply_template, end_of_turn, is_single_token, render
 from infuse.errors import InfuseError
 
@@ -464,23 +464,37 @@ def build_sft_data(config, tokenizer, console: Console | None = None):
 
     console = console or Console()
     template = apply_template(tokenizer, config.template)
-    dataset, counts, fingerprint = read_sft_samples(config.dataset, config, tokenizer, template, console)
-    summary = {"train": {**counts, "template": config.template, "packing": config.packing}}
-    dataset, evaluation, eval_summary, eval_fingerprint = evaluation_samples(dataset, config, tokenizer, template,
-                                                                             console)
+    samples = read_sft_samples(config.dataset, config, tokenizer, template, console)
+    summary = {"train": {**samples.counts(), "template": config.template, "packing": config.packing}}
+    dataset, evaluation, eval_summary, eval_fingerprint = evaluation_samples(samples.dataset, config, tokenizer,
+                                                                             template, console)
     if evaluation is not None:
         summary["eval"] = eval_summary
-        fingerprint += eval_fingerprint
-    return TrainData(dataset, make_collator(tokenizer, config.packing), summary, fingerprint, evaluation)
+    return TrainData(dataset, make_collator(tokenizer, config.packing), summary,
+                     samples.stats.fingerprint + eval_fingerprint, evaluation)
 
 
-def read_sft_samples(sources: list[str], config, tokenizer, template: str, console: Console):
-    """``(dataset, counts, fingerprint)`` of the conversations in ``sources``, reported to ``console``."""
+@dataclass
+class SFTSamples:
+    """The conversations read from a config's files and the samples made of them, with the counts of
+    what was skipped, cut and dropped on the way."""
+
+    conversations: list[Conversation]
+    loaded: LoadStats
+    dataset: Any  # a datasets.Dataset of input_ids and labels (datasets is imported where it is used)
+    stats: SFTStats
+
+    def counts(self) -> dict[str, Any]:
+        return {**self.loaded.to_dict(), **self.stats.to_dict()}
+
+
+def read_sft_samples(sources: list[str], config, tokenizer, template: str, console: Console) -> SFTSamples:
+    """The conversations in ``sources`` as training samples, as the config says; reported to ``console``."""
     conversations, loaded = load_conversations(sources, config.dataset_format, config.bad_rows, config.placeholders)
     dataset, stats = build_sft_dataset(conversations, tokenizer, template, config.cutoff_len, config.overlong,
                                        config.bad_rows, console, loss_scope(config))
     report_sft_data(loaded, stats, tokenizer, template, conversations, console)
-    return dataset, {**loaded.to_dict(), **stats.to_dict()}, stats.fingerprint
+    return SFTSamples(conversations, loaded, dataset, stats)
 
 
 def loss_scope(config) -> LossScope:
@@ -495,8 +509,9 @@ def evaluation_samples(dataset, config, tokenizer, template: str, console: Conso
         return dataset, evaluation, eval_counts(evaluation, config), ""
     if config.eval_dataset:
         console.print("Evaluation data:", highlight=False)
-        evaluation, counts, fingerprint = read_sft_samples(config.eval_dataset, config, tokenizer, template, console)
-        return dataset, evaluation, {**counts, **eval_counts(evaluation, config)}, f"+eval {fingerprint}"
+        evaluation = read_sft_samples(config.eval_dataset, config, tokenizer, template, console)
+        counts = {**evaluation.counts(), **eval_counts(evaluation.dataset, config)}
+        return dataset, evaluation.dataset, counts, f"+eval {evaluation.stats.fingerprint}"
     return dataset, None, {}, ""
 
 
