@@ -366,3 +366,10 @@ def test_trained_logits_only_keep_every_trained_label_in_order(tokenizer, shared
     if packing:  # where each sample starts, for attention within each sample
         lengths = [len(f["input_ids"]) for f in features]
         assert batch["cu_seq_lens_q"].tolist() == [0, *itertools.accumulate(lengths)]
+
+
+def test_tokenizing_into_a_log_file_leaves_no_trace_of_the_bar(tokenizer, shared_data):
+    console = Console(file=io.StringIO())  # not a terminal: a transient bar would leave a blank line
+    build_sft_dataset(identity_conversations(shared_data)[:3], tokenizer, resolve_template(tokenizer, "chatml"), 96,
+                      console=console)
+    assert console.file.getvalue() == ""

@@ -346,8 +346,9 @@ def _overlong_message(too_long: list[tuple[str, int]], cutoff_len: int) -> str:
 
 
 def _progress(console: Console | None) -> Progress:
+    # Drawn in a terminal only: a transient bar leaves a blank line in a log file.
     return Progress(TextColumn("[bold]tokenize"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True, disable=console is None)
+                    console=console, transient=True, disable=console is None or not console.is_terminal)
 
 
 # --- batches --------------------------------------------------------------------------------------
