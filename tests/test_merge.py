@@ -119,6 +119,19 @@ def test_a_dora_adapter_merges_to_the_same_logits(tiny_llama_dir, tmp_path):
     assert check.passed and check.relative_diff < 1e-5 and check.top1_agreement == 1.0
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the merge would build its reference on the GPU")
+def test_a_dora_adapter_of_a_4bit_base_merges_on_a_cpu(tiny_llama_dir, tmp_path):
+    # As a QDoRA run on a GPU leaves it. On a CPU, base + adapter as trained cannot be computed:
+    # bitsandbytes repacks the 4-bit weights and DoRA reads wrong norms from them.
+    adapter = random_lora_adapter(tiny_llama_dir, tmp_path / "qdora", seed=1, spread=0.3, r=4, use_dora=True,
+                                  target_modules=["q_proj", "v_proj", "down_proj"])
+    run_config = {"finetuning_type": "qlora", "model_name_or_path": str(tiny_llama_dir), "bf16": True}
+    (adapter / "infuse_run.json").write_text(json.dumps({"config": run_config}))
+    check = merge(adapter, tmp_path / "merged", console=quiet())
+    assert check.passed and check.top1_agreement >= 0.95
+    assert check.reference.startswith("the dequantized 4-bit nf4 base + adapter, compute bfloat16")
+
+
 def test_an_adapter_with_nan_weights_is_refused(lora_adapter, tiny_llama_dir, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(lora_adapter, broken)

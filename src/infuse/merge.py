@@ -5,7 +5,8 @@ A QLoRA adapter learned to correct the *quantized* base, not the original weight
 is loaded the way it was trained (4-bit, from the run's infuse_run.json), dequantized to the
 compute dtype, and only then merged (dequantize-then-merge). The merged model is written to a
 temporary dir, reloaded with plain transformers, and its logits on sample prompts are compared
-with the quantized base + adapter: max abs diff and top-1 agreement. Only a model that matches
+with the quantized base + adapter (for DoRA on a CPU, the dequantized base + adapter: see
+``dora_misreads_4bit``): max abs diff and top-1 agreement. Only a model that matches
 is moved to ``--output``; anything else (NaN or inf weights, an adapter that overflows the
 dtype, a merge into weights the adapter never saw) is refused with the figures.
 """
@@ -29,7 +30,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from infuse import __version__
 from infuse.errors import InfuseError
-from infuse.models import check_adapter_dir, check_model_dir, compute_dtype, load_for_inference
+from infuse.models import check_adapter_dir, check_model_dir, compute_dtype, inference_tokenizer, load_for_inference
 from infuse.train import MANIFEST
 
 SAMPLE_PROMPTS = (
@@ -95,9 +96,15 @@ def merge(adapter: str | Path, output: str | Path, base: str | Path | None = Non
     console.print(f"Merging [bold]{adapter_dir}[/bold] into [bold]{base_dir}[/bold] "
                   f"(trained as {trained.describe()}).")
 
+    described = trained.describe()
     with _adapter_fits(adapter_dir, base_dir):
-        reference, tokenizer = load_for_inference(f"{base_dir}+{adapter_dir}", dtype=trained.dtype,
-                                                  device=device, quantization=trained.quantization)
+        if dora_misreads_4bit(adapter_dir, trained, device):
+            reference = adapted_base(base_dir, adapter_dir, trained, device, "dequantized").eval()
+            tokenizer = inference_tokenizer(base_dir, adapter_dir)
+            described = f"the dequantized {described} (DoRA misreads bitsandbytes' 4-bit weights on a CPU)"
+        else:
+            reference, tokenizer = load_for_inference(f"{base_dir}+{adapter_dir}", dtype=trained.dtype,
+                                                      device=device, quantization=trained.quantization)
     prompts = sample_prompts(tokenizer)
     expected = logits_on(reference, prompts)
     del reference
@@ -106,12 +113,12 @@ def merge(adapter: str | Path, output: str | Path, base: str | Path | None = Non
     staging = output_dir.with_name(f".{output_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        merged = merged_model(base_dir, adapter_dir, trained, device, into)
+        merged = adapted_base(base_dir, adapter_dir, trained, device, into).merge_and_unload()
         merged.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         del merged
         gc.collect()
-        check = compare(logits_on(_reload(staging, device), prompts), expected, trained)
+        check = compare(logits_on(_reload(staging, device), prompts), expected, trained, described)
         console.print(f"Check: {check.summary()}.")
         if not check.passed:
             raise InfuseError(_refusal(check, adapter_dir, into, trained))
@@ -170,10 +177,19 @@ def _manifest(adapter_dir: Path) -> dict[str, Any] | None:
 # ---------------------------------------------------------------- merging
 
 
-def merged_model(base_dir: Path, adapter_dir: Path, trained: TrainedAs, device: str,
-                 into: str) -> torch.nn.Module:
+def dora_misreads_4bit(adapter_dir: Path, trained: TrainedAs, device: str) -> bool:
+    """Whether base + adapter as trained cannot be computed here: a DoRA adapter over a 4-bit base
+    on a CPU, where bitsandbytes repacks the weights at the first forward pass and peft's DoRA then
+    reads wrong weight norms (``infuse.models.check_dora_on_4bit``). Such an adapter was trained on
+    a GPU; the reference is then the dequantized base + adapter, the weights it was trained against."""
+    four_bit = trained.quantization is not None and trained.quantization.load_in_4bit
+    dora = json.loads((adapter_dir / "adapter_config.json").read_text()).get("use_dora", False)
+    return four_bit and dora and torch.device(device).type == "cpu"
+
+
+def adapted_base(base_dir: Path, adapter_dir: Path, trained: TrainedAs, device: str, into: str):
     """The base loaded as trained and dequantized (or the original weights for ``into="original"``),
-    with the adapter merged in: a plain transformers model."""
+    with the adapter on it (a PeftModel; ``merge_and_unload`` gives the merged model)."""
     from peft import PeftModel
 
     quantization = trained.quantization if into == "dequantized" else None
@@ -188,8 +204,7 @@ def merged_model(base_dir: Path, adapter_dir: Path, trained: TrainedAs, device: 
     with _adapter_fits(adapter_dir, base_dir), warnings.catch_warnings():
         # peft asks transformers 5 for a renamed attribute; the warning is not the user's to act on.
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-        peft_model = PeftModel.from_pretrained(model, adapter_dir)
-    return peft_model.merge_and_unload()
+        return PeftModel.from_pretrained(model, adapter_dir)
 
 
 @contextmanager
@@ -228,8 +243,10 @@ def logits_on(model: torch.nn.Module, prompts: list[list[int]]) -> list[torch.Te
     return [model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu() for ids in prompts]
 
 
-def compare(merged: list[torch.Tensor], reference: list[torch.Tensor], trained: TrainedAs) -> MergeCheck:
-    """Max abs diff, its share of the largest reference logit, and top-1 agreement."""
+def compare(merged: list[torch.Tensor], reference: list[torch.Tensor], trained: TrainedAs,
+            described: str) -> MergeCheck:
+    """Max abs diff, its share of the largest reference logit, and top-1 agreement; ``described``
+    names the reference."""
     got, want = torch.cat(merged), torch.cat(reference)
     diff = (got - want).abs().max().item()
     scale = want.abs().max().item()
@@ -238,7 +255,7 @@ def compare(merged: list[torch.Tensor], reference: list[torch.Tensor], trained: 
         max_abs_diff=diff if finite else float("nan"),
         relative_diff=diff / scale if finite and scale > 0 else float("inf"),
         top1_agreement=(got.argmax(-1) == want.argmax(-1)).float().mean().item() if finite else 0.0,
-        positions=want.shape[0], tolerance=tolerance(trained), reference=trained.describe())
+        positions=want.shape[0], tolerance=tolerance(trained), reference=described)
 
 
 def tolerance(trained: TrainedAs) -> float:

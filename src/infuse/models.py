@@ -457,8 +457,13 @@ def load_for_inference(spec: str, dtype: torch.dtype | str | None = None, device
         with _peft_quietly():
             model = PeftModel.from_pretrained(model, Path(adapter).expanduser())
     model.eval()
-    tokenizer_dir = adapter if adapter and _has_tokenizer(Path(adapter)) else folder
-    return model, ensure_pad_token(_tokenizer_from(tokenizer_dir))
+    return model, inference_tokenizer(folder, adapter)
+
+
+def inference_tokenizer(base: str | Path, adapter: str | Path | None) -> PreTrainedTokenizerBase:
+    """The adapter's tokenizer when its dir holds one (a run saves its tokenizer next to the
+    adapter), else the base model's."""
+    return ensure_pad_token(_tokenizer_from(adapter if adapter and _has_tokenizer(Path(adapter)) else base))
 
 
 def split_spec(spec: str) -> tuple[str, str | None]:
