@@ -104,6 +104,23 @@ def test_changed_data_stops_the_resume(recipe, tmp_path, shared_data, capsys):
     assert "training data changed" in capsys.readouterr().err
 
 
+def test_evaluation_files_join_a_run_unless_they_pick_the_saved_weights(recipe, tmp_path, shared_data, capsys):
+    general = tmp_path / "general.txt"
+    general.write_text("\n".join((shared_data / "wiki_demo.txt").read_text().splitlines()[-2:]) + "\n")
+    out = tmp_path / "run"
+    main(["train", str(recipe(out, max_steps=8))])
+    main(["train", str(recipe(out, max_steps=8, eval_dataset=[str(general)]))])  # the same run, now evaluated
+    manifest = json.loads((out / "infuse_run.json").read_text())
+    assert manifest["resumed_from"] == str(out / "checkpoint-8") and manifest["metrics"]["eval_loss"] > 0
+
+    picked = tmp_path / "picked"  # the best evaluated checkpoint is saved: the eval files decide the result
+    main(["train", str(recipe(picked, max_steps=8, eval_dataset=[str(general)], load_best_model_at_end=True))])
+    general.write_text(general.read_text() + "One more line of other text.\n")
+    with pytest.raises(SystemExit):
+        main(["train", str(recipe(picked, max_steps=8, eval_dataset=[str(general)], load_best_model_at_end=True))])
+    assert "evaluation data changed" in capsys.readouterr().err
+
+
 def test_a_key_only_one_infuse_version_knows_is_a_change_only_off_its_default():
     from infuse.resume import describe_changes, run_fingerprint
 

@@ -42,6 +42,18 @@ class ResumePlan:
     ignored: list[str]  # checkpoint folders left unsealed by a process that died while saving
 
 
+def resume_fingerprint(config, data_fingerprint: str, eval_fingerprint: str) -> dict[str, Any]:
+    """What a checkpoint and the run that resumes it must share: the settings and the training data
+    (``config`` a TrainConfig). The evaluation files count too where the eval loss picks the saved
+    weights (``load_best_model_at_end``, which early stopping turns on); elsewhere they change no
+    training step, so they may be added to a run in progress or changed."""
+    settings = config.to_dict()
+    if config.training.get("load_best_model_at_end"):
+        return {**run_fingerprint(settings, data_fingerprint), "eval_data": eval_fingerprint}
+    settings.pop("eval_dataset", None)
+    return run_fingerprint(settings, data_fingerprint)
+
+
 def run_fingerprint(config: dict[str, Any], data_fingerprint: str) -> dict[str, Any]:
     """The settings and data identity that decide the training trajectory, as a comparable dict."""
     settings = {k: v for k, v in sorted(config.items()) if k not in NEUTRAL_KEYS}
@@ -120,6 +132,8 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             changes.append(f"{key}: {before!r} -> {after!r}")
     if old["data"] != new["data"]:
         changes.append(f"training data changed (fingerprint {old['data'][:12]} -> {new['data'][:12]})")
+    if old.get("eval_data") != new.get("eval_data"):
+        changes.append("evaluation data changed (it picks the saved weights: load_best_model_at_end)")
     return changes
 
 

@@ -26,7 +26,7 @@ from infuse.errors import InfuseError
 from infuse.logs import quiet_progress_bars
 from infuse.models import check_model_source, describe_model, load_model, load_tokenizer
 from infuse.progress import RichProgress
-from infuse.resume import SealCheckpoints, plan_resume, run_fingerprint
+from infuse.resume import SealCheckpoints, plan_resume, resume_fingerprint
 
 MANIFEST = "infuse_run.json"
 LIBRARIES = ("infuse-llm", "torch", "transformers", "peft", "trl", "accelerate", "datasets",
@@ -38,8 +38,9 @@ class TrainData:
     dataset: Any
     collator: Any
     stats: dict[str, Any]
-    fingerprint: str
+    fingerprint: str  # of what is trained on
     eval_dataset: Any = None
+    eval_fingerprint: str = ""  # of eval_dataset's files; a val_size split is in the settings
 
 
 def run(config: TrainConfig, console: Console | None = None,
@@ -52,7 +53,7 @@ def run(config: TrainConfig, console: Console | None = None,
     check_model_source(config)
     tokenizer = load_tokenizer(config)
     data = build_data(config, tokenizer, console)
-    fingerprint = run_fingerprint(config.to_dict(), data.fingerprint)
+    fingerprint = resume_fingerprint(config, data.fingerprint, data.eval_fingerprint)
     plan = plan_resume(output_dir, fingerprint, config.training.get("resume_from_checkpoint"),
                        config.overwrite_output_dir)
     for folder in plan.ignored:
@@ -139,15 +140,14 @@ def build_pretrain_data(config: TrainConfig, tokenizer, console: Console) -> Tra
 
     dataset, stats = pack(config.dataset, sentence_shuffles=config.sentence_shuffles, turns=config.sentence_turns)
     summary = {"train": stats.to_dict()}
-    fingerprint = stats.fingerprint
-    evaluation = None
+    fingerprint, evaluation, eval_fingerprint = stats.fingerprint, None, ""
     if config.val_size:
         dataset, evaluation = hold_out(dataset, config.val_size, seed, "blocks", console)
         summary["eval"] = eval_counts(evaluation, config)
     elif config.eval_dataset:
         evaluation, eval_stats = pack(config.eval_dataset, label="Evaluation data")
         summary["eval"] = {**eval_stats.to_dict(), **eval_counts(evaluation, config)}
-        fingerprint = f"{fingerprint}+eval {eval_stats.fingerprint}"
+        eval_fingerprint = eval_stats.fingerprint
     if config.replay_dataset:
         replay, replay_stats = pack(
             config.replay_dataset, sentence_shuffles=config.replay_sentence_shuffles,
@@ -160,7 +160,7 @@ def build_pretrain_data(config: TrainConfig, tokenizer, console: Console) -> Tra
                       f"afresh from {mix['replay_available']} replay blocks.")
         fingerprint = f"{fingerprint}+{replay_stats.fingerprint}"
     collator = DocumentCollator(tokenizer.eos_token_id) if config.isolate_documents else default_data_collator
-    return TrainData(dataset, collator, summary, fingerprint, evaluation)
+    return TrainData(dataset, collator, summary, fingerprint, evaluation, eval_fingerprint)
 
 
 def cache_dir(config: TrainConfig) -> Path:
@@ -247,6 +247,7 @@ def build_manifest(config: TrainConfig, data: TrainData, trainer: Trainer, metri
         "config": config.to_dict(),
         "data": data.stats,
         "data_fingerprint": data.fingerprint,
+        "eval_data_fingerprint": data.eval_fingerprint or None,
         "trainable_parameters": trainable,
         "resumed_from": resumed_from,
         "metrics": metrics,

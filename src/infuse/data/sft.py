@@ -471,8 +471,8 @@ def build_sft_data(config, tokenizer, console: Console | None = None):
                                                                              template, console)
     if evaluation is not None:
         summary["eval"] = eval_summary
-    return TrainData(dataset, make_collator(tokenizer, config.packing), summary,
-                     samples.stats.fingerprint + eval_fingerprint, evaluation)
+    return TrainData(dataset, make_collator(tokenizer, config.packing), summary, samples.stats.fingerprint,
+                     evaluation, eval_fingerprint)
 
 
 @dataclass
@@ -512,7 +512,7 @@ def evaluation_samples(dataset, config, tokenizer, template: str, console: Conso
         console.print("Evaluation data:", highlight=False)
         evaluation = read_sft_samples(config.eval_dataset, config, tokenizer, template, console)
         counts = {**evaluation.counts(), **eval_counts(evaluation.dataset, config)}
-        return dataset, evaluation.dataset, counts, f"+eval {evaluation.stats.fingerprint}"
+        return dataset, evaluation.dataset, counts, evaluation.stats.fingerprint
     return dataset, None, {}, ""
 
 
