@@ -24,7 +24,7 @@ def test_the_bar_runs_without_a_thread_and_shows_each_logged_loss_and_the_last_s
         callback.on_log(None, state, None, logs={"loss": 4.0 - step, "learning_rate": 1e-3})
     callback.on_train_end(None, state, None)
     text = out.getvalue()
-    assert [f"step      {step}  loss {4.0 - step:.4g}" in text for step in (1, 2, 3)] == [True] * 3
+    assert [f"step      {step}  loss {4.0 - step:#.4g}" in text for step in (1, 2, 3)] == [True] * 3
     assert "3/3" in text
 
 
@@ -43,3 +43,5 @@ def test_an_80_column_terminal_keeps_the_step_count_the_loss_and_the_times_whole
     assert "step   9655  loss 4.293  grad_norm 0.7711  learning_rate 5.888e-06" in out.getvalue()
     callback.on_log(None, state, None, logs={"eval_loss": 4.51234, "eval_runtime": 0.2, "epoch": 3.91})
     assert "step   9655  eval_loss 4.512\n" in out.getvalue()
+    callback.on_log(None, state, None, logs={"loss": 2.0, "learning_rate": 0.003})
+    assert "step   9655  loss 2.000  learning_rate 0.003\n" in out.getvalue()

@@ -13,8 +13,14 @@ PRINTED = ("loss", "grad_norm", "learning_rate", "eval_loss")
 
 
 def metrics_text(logs: dict, names: tuple[str, ...]) -> str:
-    return "  ".join(f"{k} {logs[k]:.4g}" if isinstance(logs[k], float) else f"{k} {logs[k]}"
-                     for k in names if k in logs)
+    return "  ".join(f"{k} {_number(k, logs[k])}" for k in names if k in logs)
+
+
+def _number(name: str, value) -> str:
+    """Four significant digits; a loss keeps its trailing zeros (2.000, not 2), so losses line up."""
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:#.4g}" if name.endswith("loss") else f"{value:.4g}"
 
 
 class RichProgress(TrainerCallback):
