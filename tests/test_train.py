@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from peft import PeftModel
 from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
@@ -178,3 +182,24 @@ def test_seed_knowledge_recipe_runs_on_a_tiny_llama(tiny_llama_config_path, toke
     assert (out / "adapter_model.safetensors").is_file()
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert Path(adapter["base_model_name_or_path"]) == out / "base"
+
+
+def test_two_processes_under_torchrun_train_one_adapter_and_print_once(tiny_llama_dir, shared_data, tmp_path):
+    rows = json.loads((shared_data / "alpaca_en_demo.json").read_text())[:32]
+    (tmp_path / "data.json").write_text(json.dumps(rows))
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "stage": "sft", "model_name_or_path": str(tiny_llama_dir), "dataset": [str(tmp_path / "data.json")],
+        "template": "chatml", "cutoff_len": 128, "overlong": "truncate", "finetuning_type": "lora",
+        "output_dir": str(tmp_path / "run"), "num_train_epochs": 1, "per_device_train_batch_size": 4,
+        "logging_steps": 1, "save_steps": 2, "report_to": "none",
+    }))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "infuse.cli", "train", str(recipe)],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("SFT data:") == 1 and done.stdout.count("Saved the lora adapter") == 1
+    manifest = json.loads((tmp_path / "run" / "infuse_run.json").read_text())
+    assert manifest["processes"] == 2
+    assert manifest["log_history"][-1]["step"] == 4  # 32 samples, 4 a process and step, 2 processes
+    assert (tmp_path / "run" / "generation_config.json").is_file()  # written once, by the first process

@@ -175,6 +175,9 @@ class TrainConfig:
         if not torch.cuda.is_available() and not torch.backends.mps.is_available():
             # Without this, TrainingArguments refuses bf16 on a machine that has only a CPU.
             kwargs.setdefault("use_cpu", True)
+        # Under DDP, finding unused parameters costs a pass over the graph every step; the models
+        # trained here use them all. A model that does not (mixture of experts) can set it true.
+        kwargs.setdefault("ddp_find_unused_parameters", False)
         try:
             return TrainingArguments(**kwargs)
         except (ValueError, TypeError) as e:

@@ -45,23 +45,28 @@ class TrainData:
 
 def run(config: TrainConfig, console: Console | None = None,
         callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
-    """Train as ``config`` says and return the manifest written to ``output_dir``."""
-    console = console or Console()
+    """Train as ``config`` says and return the manifest written to ``output_dir``. Under torchrun or
+    accelerate launch every process runs this: the first one prints, and writes what they all would."""
     started = time.time()
     output_dir = Path(config.output_dir)
+    args = config.training_arguments()
+    console = (console or Console()) if args.process_index == 0 else Console(quiet=True)
 
-    check_model_source(config)
-    tokenizer = load_tokenizer(config)
-    data = build_data(config, tokenizer, console)
-    fingerprint = resume_fingerprint(config, data.fingerprint, data.eval_fingerprint)
-    plan = plan_resume(output_dir, fingerprint, config.training.get("resume_from_checkpoint"),
-                       config.overwrite_output_dir)
+    # The first process tokenizes (into the cache), clears or picks the checkpoint and saves a new
+    # base; the others start once it is done and find all of it in place.
+    with args.main_process_first(desc="preparing the data and the base model"):
+        check_model_source(config)
+        tokenizer = load_tokenizer(config)
+        data = build_data(config, tokenizer, console)
+        fingerprint = resume_fingerprint(config, data.fingerprint, data.eval_fingerprint)
+        plan = plan_resume(output_dir, fingerprint, config.training.get("resume_from_checkpoint"),
+                           config.overwrite_output_dir)
+        config = materialize_base(config, tokenizer, output_dir, console)
     for folder in plan.ignored:
         console.print(f"[yellow]Ignoring {folder}: incomplete (the process died while writing it).")
     if plan.checkpoint:
         console.print(f"Resuming from [bold]{plan.checkpoint}[/bold]")
 
-    config = materialize_base(config, tokenizer, output_dir, console)
     model = load_model(config, tokenizer)
     describe_model(model, console)
     if config.stage == "sft":  # attention per packed sample, logits only where trained: same loss, less work
@@ -75,7 +80,7 @@ def run(config: TrainConfig, console: Console | None = None,
     stopping = [EarlyStoppingCallback(config.early_stopping_patience)] if config.early_stopping_patience else []
     trainer = Trainer(
         model=model,
-        args=config.training_arguments(),
+        args=args,
         train_dataset=data.dataset,
         eval_dataset=data.eval_dataset,
         data_collator=data.collator,
@@ -95,12 +100,14 @@ def run(config: TrainConfig, console: Console | None = None,
                                                                       console)
         if config.stage == "sft":
             data.stats["train"]["speedups"]["attention_calls"] = dict(attention_calls)
-            stop_at_end_of_turn(trainer.model, tokenizer, data.stats["train"]["end_of_turn"], output_dir)
+            stop_at_end_of_turn(trainer.model, tokenizer, data.stats["train"]["end_of_turn"],
+                                output_dir if args.should_save else None)
         metrics = {**result.metrics, **final_evaluation(trainer, data, console, averaged=bool(averaging))}
         trainer.save_model(str(output_dir))
-    tokenizer.save_pretrained(str(output_dir))
     manifest = build_manifest(config, data, trainer, metrics, plan.checkpoint, started)
-    (output_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    if args.should_save:
+        tokenizer.save_pretrained(str(output_dir))
+        (output_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     console.print(f"[green]Saved[/green] {describe_artefact(config)} to [bold]{output_dir}[/bold] "
                   f"(train loss {result.metrics.get('train_loss', float('nan')):.4f}).")
     return manifest
@@ -181,10 +188,10 @@ def materialize_base(config: TrainConfig, tokenizer, output_dir: Path, console: 
     return replace(config, model_name_or_path=str(base), model_config=None)
 
 
-def stop_at_end_of_turn(model, tokenizer, marker: str, output_dir: Path) -> None:
+def stop_at_end_of_turn(model, tokenizer, marker: str, output_dir: Path | None) -> None:
     """Add the template's end-of-turn token (``<|im_end|>``) to ``generation_config.eos_token_id``, so
     ``generate`` on the saved model stops where the answers it learnt end. An adapter's generation
-    config is written next to it (the adapter files themselves carry none)."""
+    config is written next to it, to ``output_dir`` (the adapter files themselves carry none)."""
     ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     generation = getattr(base, "generation_config", None)
@@ -197,7 +204,7 @@ def stop_at_end_of_turn(model, tokenizer, marker: str, output_dir: Path) -> None
     if ids[0] not in eos:
         eos.append(ids[0])
     generation.eos_token_id = eos
-    if base is not model:
+    if base is not model and output_dir is not None:
         generation.save_pretrained(str(output_dir))
 
 
@@ -249,6 +256,7 @@ def build_manifest(config: TrainConfig, data: TrainData, trainer: Trainer, metri
         "data_fingerprint": data.fingerprint,
         "eval_data_fingerprint": data.eval_fingerprint or None,
         "trainable_parameters": trainable,
+        "processes": trainer.args.world_size,  # data parallel: each takes per_device_train_batch_size a step
         "resumed_from": resumed_from,
         "metrics": metrics,
         "log_history": trainer.state.log_history,
