@@ -45,8 +45,8 @@ class TrainData:
 
 def run(config: TrainConfig, console: Console | None = None,
         callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
-    """Train as ``config`` says and return the manifest written to ``output_dir``. Under torchrun or
-    accelerate launch every process runs this: the first one prints, and writes what they all would."""
+    """Train as ``config`` says and return the manifest written to ``output_dir``. Under torchrun
+    every process runs this: the first one prints, and writes what they all would."""
     started = time.time()
     output_dir = Path(config.output_dir)
     args = config.training_arguments()
