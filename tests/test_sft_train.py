@@ -143,7 +143,8 @@ def test_early_stopping_keeps_the_best_evaluated_weights(tiny_llama_dir, tmp_pat
 
 
 class StopAtStep(TrainerCallback):
-    """Ends the process's training at the start of ``step`` (after the checkpoint before it is sealed)."""
+    """Ends training once ``step`` steps are done, at the start of the next one: a checkpoint saved at
+    ``step`` is sealed by then, as after a crash in the step that follows it."""
 
     def __init__(self, step: int):
         self.step = step
