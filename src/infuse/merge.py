@@ -30,7 +30,14 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from infuse import __version__
 from infuse.errors import InfuseError
-from infuse.models import check_adapter_dir, check_model_dir, compute_dtype, inference_tokenizer, load_for_inference
+from infuse.models import (
+    check_adapter_dir,
+    check_model_dir,
+    compute_dtype,
+    dora_reads_4bit_weights,
+    inference_tokenizer,
+    load_for_inference,
+)
 from infuse.train import MANIFEST
 
 SAMPLE_PROMPTS = (
@@ -178,13 +185,13 @@ def _manifest(adapter_dir: Path) -> dict[str, Any] | None:
 
 
 def dora_misreads_4bit(adapter_dir: Path, trained: TrainedAs, device: str) -> bool:
-    """Whether base + adapter as trained cannot be computed here: a DoRA adapter over a 4-bit base
-    on a CPU, where bitsandbytes repacks the weights at the first forward pass and peft's DoRA then
-    reads wrong weight norms (``infuse.models.check_dora_on_4bit``). Such an adapter was trained on
-    a GPU; the reference is then the dequantized base + adapter, the weights it was trained against."""
+    """Whether base + adapter as trained cannot be computed on ``device``: a DoRA adapter over a
+    4-bit base where DoRA misreads bitsandbytes' weights (``infuse.models.dora_reads_4bit_weights``).
+    Such an adapter was trained on a GPU; the reference is then the dequantized base + adapter, the
+    weights it was trained against."""
     four_bit = trained.quantization is not None and trained.quantization.load_in_4bit
     dora = json.loads((adapter_dir / "adapter_config.json").read_text()).get("use_dora", False)
-    return four_bit and dora and torch.device(device).type == "cpu"
+    return four_bit and dora and not dora_reads_4bit_weights(device)
 
 
 def adapted_base(base_dir: Path, adapter_dir: Path, trained: TrainedAs, device: str, into: str):

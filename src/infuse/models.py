@@ -136,12 +136,19 @@ def load_model(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> PreTr
     return model
 
 
+def dora_reads_4bit_weights(device: str | torch.device) -> bool:
+    """Whether peft's DoRA computes right over a bitsandbytes 4-bit base on ``device``: on a CUDA
+    GPU. On a CPU, bitsandbytes repacks a 4-bit weight for its own kernel at the first forward pass,
+    and DoRA reads the weight's norm by dequantizing it as if it were not repacked: a tiny Llama's
+    dequantized q_proj then differed by 0.40 at weights of at most 0.28, and an adapter trained
+    there learnt against wrong norms and did not merge."""
+    return torch.device(device).type == "cuda"
+
+
 def check_dora_on_4bit(config: TrainConfig) -> None:
-    """DoRA over a 4-bit base only on a GPU. On a CPU, bitsandbytes repacks a 4-bit weight for its
-    own kernel at the first forward pass, and peft's DoRA reads the weight's norm by dequantizing it
-    as if it were not repacked: a tiny Llama's dequantized q_proj then differed by 0.40 at weights
-    of at most 0.28, the adapter trained against wrong norms and did not merge."""
-    if config.use_dora and config.finetuning_type == "qlora" and not torch.cuda.is_available():
+    """DoRA over a 4-bit base (qlora) is trained only where it computes right."""
+    training_device = "cuda" if torch.cuda.is_available() else "cpu"
+    if config.use_dora and config.finetuning_type == "qlora" and not dora_reads_4bit_weights(training_device):
         raise InfuseError("use_dora with finetuning_type: qlora needs a CUDA GPU: on a CPU, bitsandbytes repacks "
                           "4-bit weights after the first forward pass and peft's DoRA then reads wrong weight "
                           "norms. Use finetuning_type: lora with use_dora, or qlora without it.")
