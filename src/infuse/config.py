@@ -157,6 +157,11 @@ class TrainConfig:
         return self.training["output_dir"]
 
     @property
+    def seed(self) -> int:
+        """The run's seed: TrainingArguments' ``seed``, 42 unless set."""
+        return self.training.get("seed", 42)
+
+    @property
     def evaluates(self) -> bool:
         """Whether the run has evaluation data (``val_size`` or ``eval_dataset``)."""
         return bool(self.val_size or self.eval_dataset)

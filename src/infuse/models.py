@@ -175,7 +175,7 @@ def build_model(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> PreT
     fit_to_tokenizer(model_config, tokenizer)
     if config.attn_implementation:
         model_config._attn_implementation = config.attn_implementation
-    torch.manual_seed(config.training.get("seed", 42))
+    torch.manual_seed(config.seed)
     return AutoModelForCausalLM.from_config(model_config, dtype=torch.float32,
                                             trust_remote_code=config.trust_remote_code)
 
@@ -257,7 +257,7 @@ def _wrap_lora(model: PreTrainedModel, config: TrainConfig) -> PeftModel:
         use_rslora=config.use_rslora,
         task_type="CAUSAL_LM",
     )
-    torch.manual_seed(config.training.get("seed", 42))  # lora_A starts random: the same seed, the same run
+    torch.manual_seed(config.seed)  # lora_A starts random: the same seed, the same run
     try:
         with _peft_quietly():
             return get_peft_model(model, lora)

@@ -138,7 +138,7 @@ def build_pretrain_data(config: TrainConfig, tokenizer, console: Console) -> Tra
     from infuse.data.evaluation import eval_counts, hold_out
     from infuse.data.pretrain import DocumentCollator, build_pretrain_dataset, mix_replay
 
-    seed = config.training.get("seed", 42)
+    seed = config.seed
 
     def pack(sources: list[str], **options):
         return build_pretrain_dataset(sources, tokenizer, config.block_size, text_field=config.text_field,

@@ -506,7 +506,7 @@ def evaluation_samples(dataset, config, tokenizer, template: str, console: Conso
     """``(train, eval, eval counts, eval fingerprint)``: ``val_size`` of ``dataset`` held out, or the
     samples of ``eval_dataset`` read like the training data; eval is None when the config has neither."""
     if config.val_size:
-        dataset, evaluation = hold_out(dataset, config.val_size, config.training.get("seed", 42), "samples", console)
+        dataset, evaluation = hold_out(dataset, config.val_size, config.seed, "samples", console)
         return dataset, evaluation, eval_counts(evaluation, config), ""
     if config.eval_dataset:
         console.print("Evaluation data:", highlight=False)
