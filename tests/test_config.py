@@ -2,6 +2,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from infuse.config import config_from_dict, load_config, parse_overrides
@@ -110,6 +111,15 @@ def test_switches_take_true_or_false_only():
     for bad in ("false", 0, None):
         with pytest.raises(InfuseError, match="move_openers: expected true or false"):
             config_from_dict({**MINIMAL, "move_openers": bad})
+
+
+def test_more_processes_than_gpus_is_refused_before_nccl_fails(monkeypatch, tmp_path):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun --nproc_per_node 2
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    values = {**MINIMAL, "output_dir": str(tmp_path / "out")}
+    with pytest.raises(InfuseError, match="2 processes on this machine, but it has 1 GPU.*--nproc_per_node 1"):
+        config_from_dict(values).training_arguments()
+    assert config_from_dict({**values, "use_cpu": True}).training_arguments().use_cpu
 
 
 def test_invalid_yaml_names_the_line(tmp_path):

@@ -196,7 +196,8 @@ def test_two_processes_under_torchrun_train_one_adapter_and_print_once(tiny_llam
     }))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "infuse.cli", "train", str(recipe)],
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})  # CPU processes
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("SFT data:") == 1 and done.stdout.count("Saved the lora adapter") == 1
     manifest = json.loads((tmp_path / "run" / "infuse_run.json").read_text())

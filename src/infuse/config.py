@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,6 +184,7 @@ class TrainConfig:
         # Under DDP, finding unused parameters costs a pass over the graph every step; the models
         # trained here use them all. A model that does not (mixture of experts) can set it true.
         kwargs.setdefault("ddp_find_unused_parameters", False)
+        check_one_gpu_a_process(bool(self.training.get("use_cpu")))
         try:
             return TrainingArguments(**kwargs)
         except (ValueError, TypeError) as e:
@@ -192,6 +194,20 @@ class TrainConfig:
                 raise InfuseError(f"deepspeed: {kwargs['deepspeed']} is set, but DeepSpeed is not installed "
                                   "(pip install deepspeed). Or train without it: --deepspeed null.") from None
             raise
+
+
+def check_one_gpu_a_process(use_cpu: bool) -> None:
+    """torchrun starts ``--nproc_per_node`` processes and each takes a GPU of its own; more processes
+    than GPUs would otherwise fail at the first collective, deep inside NCCL ("Duplicate GPU")."""
+    import torch
+
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    gpus = torch.cuda.device_count()  # 0 without CUDA
+    if use_cpu or gpus == 0 or processes <= gpus:
+        return
+    raise InfuseError(f"torchrun started {processes} processes on this machine, but it has {gpus} GPU(s) and each "
+                      f"process needs one of its own. Start them with --nproc_per_node {gpus}, or train on "
+                      "CPU processes with --use_cpu true.")
 
 
 def describe_keys(width: int = 78) -> str:
