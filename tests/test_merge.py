@@ -54,8 +54,10 @@ def test_qlora_adapter_merges_passes_the_check_and_loads_with_plain_transformers
         qlora_run, tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "merged"
     main(["merge", "--adapter", str(qlora_run), "--output", str(out)])  # the base comes from the run
-    printed = " ".join(capsys.readouterr().out.split())
+    captured = capsys.readouterr()
+    printed = " ".join(captured.out.split())
     assert "max abs diff" in printed and "top-1 agreement" in printed
+    assert "Loading weights" not in captured.err and "Writing" not in captured.err  # no library bars in a log
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert not (out / "adapter_config.json").exists()
     record = json.loads((out / "infuse_merge.json").read_text())

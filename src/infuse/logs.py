@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 
 def quiet_libraries(debug: bool = False) -> None:
-    """Library warnings at error level (all of them with ``--debug``)."""
+    """Library warnings at error level (all of them with ``--debug``). Library progress bars only
+    in a terminal: in a log, each redraw of a bar is one more line of carriage returns."""
+    import transformers
+
+    if not sys.stderr.isatty():
+        import datasets
+
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
     if debug:
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
 
     transformers.utils.logging.set_verbosity_error()
     for name in ("bitsandbytes", "peft", "accelerate", "datasets", "torch.distributed"):
