@@ -184,7 +184,8 @@ def test_seed_knowledge_recipe_runs_on_a_tiny_llama(tiny_llama_config_path, toke
     assert Path(adapter["base_model_name_or_path"]) == out / "base"
 
 
-def test_two_processes_under_torchrun_train_one_adapter_and_print_once(tiny_llama_dir, shared_data, tmp_path):
+def test_two_processes_under_torchrun_train_one_adapter_print_once_and_close_the_group(
+        tiny_llama_dir, shared_data, tmp_path):
     rows = json.loads((shared_data / "alpaca_en_demo.json").read_text())[:32]
     (tmp_path / "data.json").write_text(json.dumps(rows))
     recipe = tmp_path / "sft.yaml"
@@ -194,12 +195,16 @@ def test_two_processes_under_torchrun_train_one_adapter_and_print_once(tiny_llam
         "output_dir": str(tmp_path / "run"), "num_train_epochs": 1, "per_device_train_batch_size": 4,
         "logging_steps": 1, "save_steps": 2, "report_to": "none",
     }))
+    launched = tmp_path / "launched.py"  # `infuse train`, then whether it left the process group open
+    launched.write_text("import sys, torch.distributed as dist\nfrom infuse.cli import main\n"
+                        "main(sys.argv[1:])\nprint('process group open:', dist.is_initialized())\n")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "infuse.cli", "train", str(recipe)],
+                           str(launched), "train", str(recipe)],
                           capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})  # CPU processes
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("SFT data:") == 1 and done.stdout.count("Saved the lora adapter") == 1
+    assert done.stdout.count("process group open: False") == 2
     manifest = json.loads((tmp_path / "run" / "infuse_run.json").read_text())
     assert manifest["processes"] == 2
     assert manifest["log_history"][-1]["step"] == 4  # 32 samples, 4 a process and step, 2 processes

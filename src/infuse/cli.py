@@ -42,10 +42,14 @@ def cmd_ingest(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    import torch.distributed as dist
+
     from infuse.config import load_config
     from infuse.train import run
 
     run(load_config(args.config, args.overrides), console)
+    if dist.is_initialized():  # opened for torchrun's processes; NCCL warns at exit about one left open
+        dist.destroy_process_group()
 
 
 def cmd_preflight(args: argparse.Namespace) -> None:
