@@ -346,9 +346,10 @@ def split_config_and_overrides(rest: list[str]) -> tuple[str | None, list[str]]:
 
 def run_command(func: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> None:
     """Run a subcommand; a user-fixable problem is one paragraph on stderr, not a traceback."""
-    from infuse.logs import quiet_libraries
+    from infuse.logs import library_bars_only_in_a_terminal, quiet_libraries
 
     quiet_libraries(debug=args.debug)
+    library_bars_only_in_a_terminal()
     try:
         func(args)
     except InfuseError as e:

@@ -11,24 +11,29 @@ from contextlib import contextmanager
 
 
 def quiet_libraries(debug: bool = False) -> None:
-    """Library warnings at error level (all of them with ``--debug``). Library progress bars only
-    in a terminal: in a log, each redraw of a bar is one more line of carriage returns."""
-    import transformers
-
-    if not sys.stderr.isatty():
-        import datasets
-
-        transformers.utils.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
+    """Library warnings at error level (all of them with ``--debug``)."""
     if debug:
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
 
     transformers.utils.logging.set_verbosity_error()
     for name in ("bitsandbytes", "peft", "accelerate", "datasets", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.utils.checkpoint")
     warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def library_bars_only_in_a_terminal() -> None:
+    """transformers' and datasets' tqdm bars draw each update with a carriage return: in a log
+    file every one of them stays, so they are off where stderr is not a terminal."""
+    if sys.stderr.isatty():
+        return
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
 
 
 class HideMissingKernelsNotice(logging.Filter):
