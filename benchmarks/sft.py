@@ -156,7 +156,7 @@ def run_infuse(args, model_dir: Path, train_file: Path, output_dir: Path,
     })
     counter = {}
 
-    class CountingTrainer(Trainer):  # counts the batches of the run's own collator, as the run set it up
+    class CountingTrainer(infuse.train.RunTrainer):  # counts the batches of the run's collator, as the run set it up
         def __init__(self, *a, data_collator, **k):
             counter["c"] = CountingCollator(data_collator)
             super().__init__(*a, data_collator=counter["c"], **k)
@@ -164,14 +164,14 @@ def run_infuse(args, model_dir: Path, train_file: Path, output_dir: Path,
     def without_speedups(model, collator, label_smoothing=0.0):
         return {"sample_attention": False, "logits_where_trained": False}
 
-    originals = infuse.train.Trainer, infuse.packing.prepare_sft_batches
-    infuse.train.Trainer = CountingTrainer
+    originals = infuse.train.RunTrainer, infuse.packing.prepare_sft_batches
+    infuse.train.RunTrainer = CountingTrainer
     if not speedups:
         infuse.packing.prepare_sft_batches = without_speedups
     try:
         manifest = infuse.train.run(config, Console(file=io.StringIO()))
     finally:
-        infuse.train.Trainer, infuse.packing.prepare_sft_batches = originals
+        infuse.train.RunTrainer, infuse.packing.prepare_sft_batches = originals
     return manifest, counter["c"]
 
 

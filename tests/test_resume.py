@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -79,6 +80,28 @@ def test_killed_run_resumes_to_the_same_weights_and_losses(recipe, tmp_path, swa
     assert len(losses(resumed)) == 16
 
 
+def test_a_finished_run_started_again_trains_no_more(recipe, tmp_path, capsys):
+    out = tmp_path / "run"
+    config = recipe(out, max_steps=8)  # ends in the middle of an epoch
+    main(["train", str(config)])
+    manifest, weights = (out / "infuse_run.json").read_text(), load_file(out / "model.safetensors")
+    capsys.readouterr()
+
+    main(["train", str(config)])  # the same command again
+    assert "nothing to do" in " ".join(capsys.readouterr().out.split())
+    assert (out / "infuse_run.json").read_text() == manifest
+
+    (out / "infuse_run.json").unlink()  # as if the process died after its last checkpoint
+    main(["train", str(config)])
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "nothing is left to train" in printed and "train_loss" not in printed  # no bar, no loss of 0
+    finished = json.loads((out / "infuse_run.json").read_text())
+    assert finished["resumed_from"] == str(out / "checkpoint-8") and not (out / "checkpoint-9").exists()
+    assert max(entry["step"] for entry in finished["log_history"]) == 8
+    assert "train_loss" not in finished["metrics"]  # no step was trained to give one
+    assert all(torch.equal(tensor, load_file(out / "model.safetensors")[name]) for name, tensor in weights.items())
+
+
 def test_changed_settings_stop_the_resume_unless_overwriting(recipe, tmp_path, capsys):
     out = tmp_path / "run"
     main(["train", str(recipe(out, max_steps=4))])
@@ -112,6 +135,7 @@ def test_evaluation_files_join_a_run_unless_they_pick_the_saved_weights(recipe, 
     main(["train", str(recipe(out, max_steps=8, eval_dataset=[str(general)]))])  # the same run, now evaluated
     manifest = json.loads((out / "infuse_run.json").read_text())
     assert manifest["resumed_from"] == str(out / "checkpoint-8") and manifest["metrics"]["eval_loss"] > 0
+    assert not (out / "checkpoint-9").exists()  # evaluated, not trained further
 
     picked = tmp_path / "picked"  # the best evaluated checkpoint is saved: the eval files decide the result
     main(["train", str(recipe(picked, max_steps=8, eval_dataset=[str(general)], load_best_model_at_end=True))])

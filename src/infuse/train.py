@@ -64,7 +64,14 @@ def run(config: TrainConfig, console: Console | None = None,
         config = materialize_base(config, tokenizer, output_dir, console)
     for folder in plan.ignored:
         console.print(f"[yellow]Ignoring {folder}: incomplete (the process died while writing it).")
-    if plan.checkpoint:
+    if plan.finished and (done := finished_manifest(output_dir, config, data)):
+        console.print(f"{output_dir} holds this run, trained to its last step and saved: nothing to do. "
+                      "Pass --overwrite_output_dir true to train it again.")
+        return done
+    if plan.finished:  # it stopped after its last checkpoint, or the evaluation files changed
+        console.print(f"Resuming from [bold]{plan.checkpoint}[/bold], the run's last step: nothing is left to "
+                      "train; evaluating and saving.")
+    elif plan.checkpoint:
         console.print(f"Resuming from [bold]{plan.checkpoint}[/bold]")
 
     model = load_model(config, tokenizer)
@@ -78,7 +85,7 @@ def run(config: TrainConfig, console: Console | None = None,
 
     averaging = [WeightAveraging(config.swa_start, plan.checkpoint)] if config.swa_start is not None else []
     stopping = [EarlyStoppingCallback(config.early_stopping_patience)] if config.early_stopping_patience else []
-    trainer = Trainer(
+    trainer = RunTrainer(
         model=model,
         args=args,
         train_dataset=data.dataset,
@@ -102,15 +109,42 @@ def run(config: TrainConfig, console: Console | None = None,
             data.stats["train"]["speedups"]["attention_calls"] = dict(attention_calls)
             stop_at_end_of_turn(trainer.model, tokenizer, data.stats["train"]["end_of_turn"],
                                 output_dir if args.should_save else None)
-        metrics = {**result.metrics, **final_evaluation(trainer, data, console, averaged=bool(averaging))}
+        trained = result.metrics
+        if plan.finished:  # the Trainer's metrics of no step at all, with a train_loss of 0
+            trained = {}
+            trainer.state.log_history = [entry for entry in trainer.state.log_history if "train_loss" not in entry]
+        metrics = {**trained, **final_evaluation(trainer, data, console, averaged=bool(averaging))}
         trainer.save_model(str(output_dir))
     manifest = build_manifest(config, data, trainer, metrics, plan.checkpoint, started)
     if args.should_save:
         tokenizer.save_pretrained(str(output_dir))
         (output_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-    console.print(f"[green]Saved[/green] {describe_artefact(config)} to [bold]{output_dir}[/bold] "
-                  f"(train loss {result.metrics.get('train_loss', float('nan')):.4f}).")
+    loss = f" (train loss {metrics['train_loss']:.4f})" if "train_loss" in metrics else ""
+    console.print(f"[green]Saved[/green] {describe_artefact(config)} to [bold]{output_dir}[/bold]{loss}.")
     return manifest
+
+
+class RunTrainer(Trainer):
+    """transformers' Trainer without the step it adds to a finished run: resumed from a checkpoint
+    at ``max_steps`` in the middle of an epoch, it trains one more batch before it checks the end."""
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        if self.state.global_step >= self.state.max_steps:
+            return [], None
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
+
+
+def finished_manifest(output_dir: Path, config: TrainConfig, data: TrainData) -> dict[str, Any] | None:
+    """The manifest in ``output_dir`` if it records this very run (settings, training and evaluation
+    data): written after the final save, so the run's artefacts are all there."""
+    path = output_dir / MANIFEST
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    same = (manifest.get("config") == json.loads(json.dumps(config.to_dict(), default=str))
+            and manifest.get("data_fingerprint") == data.fingerprint
+            and manifest.get("eval_data_fingerprint") == (data.eval_fingerprint or None))
+    return manifest if same else None
 
 
 class EpochData(TrainerCallback):
