@@ -141,6 +141,12 @@ def test_early_stopping_keeps_the_best_evaluated_weights(tiny_llama_dir, tmp_pat
     assert manifest["metrics"]["eval_loss"] == pytest.approx(best, abs=1e-5)  # the saved weights are the best ones
     assert f"Stopped early at step {stop['last_step']} of {STEPS}" in console.file.getvalue()
 
+    (tmp_path / "run" / "infuse_run.json").unlink()  # as if the process died after the checkpoint it stopped at
+    again = run(swapped_answers_config(tiny_llama_dir, tmp_path, tmp_path / "run"), quiet())
+    assert again["resumed_from"].endswith(f"checkpoint-{stop['last_step']}")
+    assert again["data"]["train"]["early_stopping"]["last_step"] == stop["last_step"]  # no step after it
+    assert again["metrics"]["eval_loss"] == pytest.approx(best, abs=1e-5)
+
 
 class StopAtStep(TrainerCallback):
     """Ends training once ``step`` steps are done, at the start of the next one: a checkpoint saved at

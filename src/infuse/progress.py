@@ -41,7 +41,7 @@ class RichProgress(TrainerCallback):
         self.drawn_at = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero or state.global_step >= state.max_steps:  # resumed at its end
+        if not state.is_world_process_zero:
             return
         self.progress = Progress(
             TextColumn("[bold]train"),

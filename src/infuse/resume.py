@@ -40,7 +40,7 @@ NEUTRAL_KEYS = {
 class ResumePlan:
     checkpoint: str | None
     ignored: list[str]  # checkpoint folders left unsealed by a process that died while saving
-    finished: bool = False  # the checkpoint is the run's last step: nothing is left to train
+    finished: bool = False  # training stopped at the checkpoint: nothing is left to train
 
 
 def resume_fingerprint(config, data_fingerprint: str, eval_fingerprint: str) -> dict[str, Any]:
@@ -101,13 +101,14 @@ def plan_resume(output_dir: Path, fingerprint: dict[str, Any], requested: str | 
             return ResumePlan(None, ignored)
         checkpoint = sealed[-1]
     check_same_run(checkpoint, fingerprint)
-    return ResumePlan(str(checkpoint), ignored, finished=is_last_step(checkpoint))
+    return ResumePlan(str(checkpoint), ignored, finished=training_stopped(checkpoint))
 
 
-def is_last_step(checkpoint: Path) -> bool:
-    """Whether the Trainer wrote ``checkpoint`` at the end of its run (``max_steps``)."""
+def training_stopped(checkpoint: Path) -> bool:
+    """Whether the Trainer's loop ended at ``checkpoint``: its last step, or early stopping."""
     state = json.loads((checkpoint / "trainer_state.json").read_text())
-    return state.get("max_steps", 0) > 0 and state["global_step"] >= state["max_steps"]
+    control = state.get("stateful_callbacks", {}).get("TrainerControl", {}).get("args", {})
+    return control.get("should_training_stop", False) or 0 < state.get("max_steps", 0) <= state["global_step"]
 
 
 def check_same_run(checkpoint: Path, fingerprint: dict[str, Any]) -> None:

@@ -69,8 +69,8 @@ def run(config: TrainConfig, console: Console | None = None,
                       "Pass --overwrite_output_dir true to train it again.")
         return done
     if plan.finished:  # it stopped after its last checkpoint, or the evaluation files changed
-        console.print(f"Resuming from [bold]{plan.checkpoint}[/bold], the run's last step: nothing is left to "
-                      "train; evaluating and saving.")
+        console.print(f"Resuming from [bold]{plan.checkpoint}[/bold], where training stopped: nothing is left "
+                      "to train; evaluating and saving.")
     elif plan.checkpoint:
         console.print(f"Resuming from [bold]{plan.checkpoint}[/bold]")
 
@@ -86,6 +86,7 @@ def run(config: TrainConfig, console: Console | None = None,
     averaging = [WeightAveraging(config.swa_start, plan.checkpoint)] if config.swa_start is not None else []
     stopping = [EarlyStoppingCallback(config.early_stopping_patience)] if config.early_stopping_patience else []
     trainer = RunTrainer(
+        finished=plan.finished,
         model=model,
         args=args,
         train_dataset=data.dataset,
@@ -98,6 +99,8 @@ def run(config: TrainConfig, console: Console | None = None,
                    EpochData(data.dataset)],
     )
     trainer.remove_callback(PrinterCallback)  # RichProgress prints the logs; this would print them again
+    if plan.finished:  # no bar for no steps, nor the train_loss of 0 the Trainer logs for them
+        trainer.remove_callback(RichProgress)
     with quiet_progress_bars():  # a checkpoint's "Writing model shards" bar would cut through the training bar
         result = trainer.train(resume_from_checkpoint=plan.checkpoint)
         if averaging:
@@ -125,11 +128,16 @@ def run(config: TrainConfig, console: Console | None = None,
 
 
 class RunTrainer(Trainer):
-    """transformers' Trainer without the step it adds to a finished run: resumed from a checkpoint
-    at ``max_steps`` in the middle of an epoch, it trains one more batch before it checks the end."""
+    """transformers' Trainer, minus the steps it adds to a run resumed from the checkpoint where
+    training stopped: it trains a batch before it checks whether to stop, so one more step after
+    ``max_steps`` in the middle of an epoch, and after early stopping, up to the next evaluation."""
+
+    def __init__(self, *args, finished: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.finished = finished
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        if self.state.global_step >= self.state.max_steps:
+        if self.finished:
             return [], None
         return super().get_batch_samples(epoch_iterator, num_batches, device)
 
