@@ -158,3 +158,14 @@ def test_a_key_only_one_infuse_version_knows_is_a_change_only_off_its_default():
     unset_training_key = {k: v for k, v in newer.items() if k != "lr_scheduler_type"}
     assert describe_changes(older, run_fingerprint(unset_training_key, "data")) == [
         "lr_scheduler_type: 'cosine' -> '<unset>'"]
+
+
+def test_another_number_of_processes_is_a_change():
+    from infuse.config import config_from_dict
+    from infuse.resume import describe_changes, resume_fingerprint, run_fingerprint
+
+    config = config_from_dict({"model_config": "tiny.json", "dataset": "docs.jsonl", "output_dir": "out"})
+    one, two = (resume_fingerprint(config, "data", "", processes) for processes in (1, 2))
+    assert describe_changes(two, one) == ["processes: 2 -> 1, each taking per_device_train_batch_size samples a step"]
+    older_seal = run_fingerprint({k: v for k, v in config.to_dict().items() if k != "eval_dataset"}, "data")
+    assert describe_changes(older_seal, one) == []  # sealed by an infuse without the key: one process

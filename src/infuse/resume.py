@@ -43,16 +43,20 @@ class ResumePlan:
     finished: bool = False  # training stopped at the checkpoint: nothing is left to train
 
 
-def resume_fingerprint(config, data_fingerprint: str, eval_fingerprint: str) -> dict[str, Any]:
-    """What a checkpoint and the run that resumes it must share: the settings and the training data
-    (``config`` a TrainConfig). The evaluation files count too where the eval loss picks the saved
-    weights (``load_best_model_at_end``, which early stopping turns on); elsewhere they change no
-    training step, so they may be added to a run in progress or changed."""
+def resume_fingerprint(config, data_fingerprint: str, eval_fingerprint: str, processes: int = 1) -> dict[str, Any]:
+    """What a checkpoint and the run that resumes it must share: the settings, the training data and
+    the number of processes (``config`` a TrainConfig). Each process takes its own batch a step, so
+    with another number the steps done would stand for other samples. The evaluation files count
+    too where the eval loss picks the saved weights (``load_best_model_at_end``, which early
+    stopping turns on); elsewhere they change no training step, so they may be added to a run in
+    progress or changed."""
     settings = config.to_dict()
     if config.training.get("load_best_model_at_end"):
-        return {**run_fingerprint(settings, data_fingerprint), "eval_data": eval_fingerprint}
-    settings.pop("eval_dataset", None)
-    return run_fingerprint(settings, data_fingerprint)
+        fingerprint = {**run_fingerprint(settings, data_fingerprint), "eval_data": eval_fingerprint}
+    else:
+        settings.pop("eval_dataset", None)
+        fingerprint = run_fingerprint(settings, data_fingerprint)
+    return {**fingerprint, "processes": processes}
 
 
 def run_fingerprint(config: dict[str, Any], data_fingerprint: str) -> dict[str, Any]:
@@ -140,6 +144,9 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             changes.append(f"{key}: {before!r} -> {after!r}")
     if old["data"] != new["data"]:
         changes.append(f"training data changed (fingerprint {old['data'][:12]} -> {new['data'][:12]})")
+    if old.get("processes", 1) != new.get("processes", 1):  # a seal of an older infuse has none: one process
+        changes.append(f"processes: {old.get('processes', 1)} -> {new.get('processes', 1)}, each taking "
+                       "per_device_train_batch_size samples a step")
     if old.get("eval_data") != new.get("eval_data"):
         changes.append("evaluation data changed (it picks the saved weights: load_best_model_at_end)")
     return changes

@@ -58,7 +58,7 @@ def run(config: TrainConfig, console: Console | None = None,
         check_model_source(config)
         tokenizer = load_tokenizer(config)
         data = build_data(config, tokenizer, console)
-        fingerprint = resume_fingerprint(config, data.fingerprint, data.eval_fingerprint)
+        fingerprint = resume_fingerprint(config, data.fingerprint, data.eval_fingerprint, args.world_size)
         plan = plan_resume(output_dir, fingerprint, config.training.get("resume_from_checkpoint"),
                            config.overwrite_output_dir)
         config = materialize_base(config, tokenizer, output_dir, console)
