@@ -148,6 +148,22 @@ def test_early_stopping_keeps_the_best_evaluated_weights(tiny_llama_dir, tmp_pat
     assert again["metrics"]["eval_loss"] == pytest.approx(best, abs=1e-5)
 
 
+def test_a_run_stopped_at_an_epoch_end_is_not_evaluated_or_saved_again_when_resumed(
+        tiny_llama_dir, tmp_path, one_thread):
+    config = swapped_answers_config(tiny_llama_dir, tmp_path, tmp_path / "run")  # one step an epoch
+    config.training.update(eval_strategy="epoch", save_strategy="epoch", save_total_limit=2)
+    first = run(config, quiet())
+    last = first["data"]["train"]["early_stopping"]["last_step"]
+    saved = (tmp_path / "run" / f"checkpoint-{last}" / "trainer_state.json").stat().st_mtime_ns
+    (tmp_path / "run" / "infuse_run.json").unlink()  # as if the process died after the checkpoint it stopped at
+
+    again = run(config, quiet())
+    evaluated = [[entry["step"] for entry in manifest["log_history"] if "eval_loss" in entry]
+                 for manifest in (first, again)]
+    assert evaluated[1] == evaluated[0]  # the end of the epoch it resumed in did not evaluate once more
+    assert (tmp_path / "run" / f"checkpoint-{last}" / "trainer_state.json").stat().st_mtime_ns == saved
+
+
 class StopAtStep(TrainerCallback):
     """Ends training once ``step`` steps are done, at the start of the next one: a checkpoint saved at
     ``step`` is sealed by then, as after a crash in the step that follows it."""

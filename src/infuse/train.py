@@ -135,11 +135,22 @@ class RunTrainer(Trainer):
     def __init__(self, *args, finished: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.finished = finished
+        if finished:
+            self.add_callback(NothingAtEpochEnd())
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        if self.finished:
+        if self.finished:  # no batch, and the loop ends before it asks for another
+            self.control.should_training_stop = True
             return [], None
         return super().get_batch_samples(epoch_iterator, num_batches, device)
+
+
+class NothingAtEpochEnd(TrainerCallback):
+    """Keeps the end of the epoch a finished run was resumed in from evaluating and saving the
+    weights it resumed with once more (``eval_strategy``/``save_strategy: epoch``)."""
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        control.should_evaluate = control.should_save = False
 
 
 def finished_manifest(output_dir: Path, config: TrainConfig, data: TrainData) -> dict[str, Any] | None:
