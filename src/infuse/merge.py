@@ -104,12 +104,12 @@ def merge(adapter: str | Path, output: str | Path, base: str | Path | None = Non
                   f"(trained as {trained.describe()}).")
 
     described = trained.describe()
-    with _adapter_fits(adapter_dir, base_dir):
-        if dora_misreads_4bit(adapter_dir, trained, device):
-            reference = adapted_base(base_dir, adapter_dir, trained, device, "dequantized").eval()
-            tokenizer = inference_tokenizer(base_dir, adapter_dir)
-            described = f"the dequantized {described} (DoRA misreads bitsandbytes' 4-bit weights on a CPU)"
-        else:
+    if dora_misreads_4bit(adapter_dir, trained, device):
+        reference = adapted_base(base_dir, adapter_dir, trained, device, "dequantized").eval()
+        tokenizer = inference_tokenizer(base_dir, adapter_dir)
+        described = f"the dequantized {described} (DoRA misreads bitsandbytes' 4-bit weights on a CPU)"
+    else:
+        with _adapter_fits(adapter_dir, base_dir):
             reference, tokenizer = load_for_inference(f"{base_dir}+{adapter_dir}", dtype=trained.dtype,
                                                       device=device, quantization=trained.quantization)
     prompts = sample_prompts(tokenizer)
