@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,29 @@ def test_pt_preflight_counts_blocks_and_checks_the_context(capsys, tiny_llama_co
                           "--block_size", "1024", "--output_dir", str(tmp_path / "out"))
     assert code == 2 and "problem: block_size 1024 is longer than the model's context" in out
     assert "Preflight failed" in out
+
+
+def test_preflight_says_what_training_would_do_with_the_output_dir(capsys, tiny_llama_dir, shared_data, tmp_path):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(json.loads((shared_data / "alpaca_en_demo.json").read_text())[:16]))
+    out = tmp_path / "out"
+    overrides = sft_overrides(tiny_llama_dir, data, out, "--finetuning_type", "lora", "--max_steps", "4",
+                              "--save_steps", "2", "--per_device_train_batch_size", "2", "--report_to", "none")
+    code, printed = preflight(capsys, None, *overrides)
+    assert code == 0 and f"Output: {out}: no checkpoint to resume; training would start at step 0." in printed
+
+    main(["train", *overrides])
+    code, printed = preflight(capsys, None, *overrides)
+    assert code == 0 and f"Output: {out} holds this run, trained to its last step and saved" in printed
+    code, printed = preflight(capsys, None, *overrides, "--learning_rate", "1e-3")
+    assert code == 2 and "problem:" in printed and "learning_rate: 0.0002 -> 0.001" in printed
+
+    (out / "infuse_run.json").unlink()
+    code, printed = preflight(capsys, None, *overrides)
+    assert f"training stopped at {out / 'checkpoint-4'}; `infuse train` would evaluate and save from it." in printed
+    shutil.rmtree(out / "checkpoint-4")
+    code, printed = preflight(capsys, None, *overrides)
+    assert f"would resume from {out / 'checkpoint-2'} (step 2 of 4)." in printed
 
 
 def test_a_model_built_from_a_config_shows_the_vocabulary_training_gives_it(capsys, tokenizer, tokenizer_dir,

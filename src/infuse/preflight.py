@@ -9,7 +9,8 @@ exactly as ``infuse train`` does, and prints it:
   tokenized and decoded, is the same text); whether batches keep every trained label.
 - ``stage: pt``: documents, tokens, blocks and padding; the replay mix; the first block.
 - both: the model's context against ``block_size``/``cutoff_len``, the data's token ids against
-  the model's vocabulary, and the number of optimizer steps.
+  the model's vocabulary, the number of optimizer steps, and what training would do with
+  ``output_dir`` (start, resume, finish, nothing, or stop on a checkpoint of other settings).
 
 A fatal problem (nothing to learn to stop on, text the tokenizer cannot reproduce, trained
 labels lost in batches, samples longer than the model's context, ...) makes ``preflight`` return
@@ -18,8 +19,10 @@ False; the command then exits non-zero.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from rich.console import Console
 from rich.text import Text
@@ -41,6 +44,17 @@ class Findings:
     warnings: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Prepared:
+    """The data as training would see it: its largest token id, the rows a step is counted in
+    (blocks or samples), and the fingerprints a checkpoint of the run records."""
+
+    max_token_id: int
+    rows: int
+    fingerprint: str
+    eval_fingerprint: str
+
+
 def preflight(config: TrainConfig, console: Console) -> bool:
     """Check and show the data, template and tokenizer of ``config``; True when training can go on."""
     findings = Findings()
@@ -49,11 +63,12 @@ def preflight(config: TrainConfig, console: Console) -> bool:
         console.print(describe_tokenizer(tokenizer), highlight=False)
         model_config = check_model(config, tokenizer, console, findings)
         if config.stage == "pt":
-            max_id, samples = preflight_pretrain(config, tokenizer, console, findings)
+            prepared = preflight_pretrain(config, tokenizer, console, findings)
         else:
-            max_id, samples = preflight_sft(config, tokenizer, console, findings)
-        check_vocabulary(config, model_config, max_id, findings)
-        console.print(describe_steps(config, samples), highlight=False)
+            prepared = preflight_sft(config, tokenizer, console, findings)
+        check_vocabulary(config, model_config, prepared.max_token_id, findings)
+        console.print(describe_steps(config, prepared.rows), highlight=False)
+        console.print(describe_output(config, prepared), highlight=False)
     except InfuseError as e:
         findings.problems.append(str(e))
     return report(findings, console)
@@ -131,12 +146,41 @@ def describe_steps(config: TrainConfig, samples: int) -> str:
             f"(on one device), {per_epoch:,} step{'s' if per_epoch != 1 else ''} an epoch.")
 
 
+def describe_output(config: TrainConfig, prepared: Prepared) -> str:
+    """What ``infuse train`` would do with ``output_dir``. A checkpoint of other settings or data
+    raises InfuseError, as training would stop on it."""
+    from infuse.resume import checkpoints, plan_resume, resume_fingerprint, sealed_processes
+    from infuse.train import finished_manifest, on_saved_base
+
+    output_dir = Path(config.output_dir)
+    if config.overwrite_output_dir:
+        return (f"Output: {output_dir}: training would start at step 0 (overwrite_output_dir deletes its "
+                f"{len(checkpoints(output_dir))} checkpoint(s)).")
+    processes = sealed_processes(output_dir)  # preflight is one process; the run may be started with more
+    fingerprint = resume_fingerprint(config, prepared.fingerprint, prepared.eval_fingerprint, processes)
+    plan = plan_resume(output_dir, fingerprint, config.training.get("resume_from_checkpoint"), overwrite=False)
+    ignored = f" ({len(plan.ignored)} incomplete checkpoint(s) ignored)" if plan.ignored else ""
+    if plan.checkpoint is None:
+        return f"Output: {output_dir}: no checkpoint to resume; training would start at step 0{ignored}."
+    with_processes = f" with {processes} processes, as it was started" if processes > 1 else ""
+    if plan.finished and finished_manifest(output_dir, on_saved_base(config, output_dir), prepared.fingerprint,
+                                           prepared.eval_fingerprint):
+        return (f"Output: {output_dir} holds this run, trained to its last step and saved: `infuse train` "
+                "would do nothing (--overwrite_output_dir true trains it again).")
+    if plan.finished:
+        return (f"Output: {output_dir}: training stopped at {plan.checkpoint}; `infuse train`{with_processes} "
+                f"would evaluate and save from it{ignored}.")
+    state = json.loads((Path(plan.checkpoint) / "trainer_state.json").read_text())
+    return (f"Output: {output_dir}: `infuse train`{with_processes} would resume from {plan.checkpoint} "
+            f"(step {state['global_step']:,} of {state['max_steps']:,}){ignored}.")
+
+
 # --- pretraining ----------------------------------------------------------------------------------
 
 
 def preflight_pretrain(config: TrainConfig, tokenizer, console: Console,
-                       findings: Findings) -> tuple[int, int]:
-    """Pack the documents as training would (reusing and filling its cache); (largest id, blocks)."""
+                       findings: Findings) -> Prepared:
+    """Pack the documents as training would (reusing and filling its cache)."""
     from infuse.train import build_pretrain_data
 
     data = build_pretrain_data(config, tokenizer, console)
@@ -151,7 +195,8 @@ def preflight_pretrain(config: TrainConfig, tokenizer, console: Console,
     first = data.dataset[0]
     real = [token for token, mask in zip(first["input_ids"], first["attention_mask"], strict=True) if mask]
     show_text("First block", tokenizer.decode(real[:200]), console)
-    return largest_token_id(data.dataset, data.eval_dataset), len(data.dataset)
+    return Prepared(largest_token_id(data.dataset, data.eval_dataset), len(data.dataset), data.fingerprint,
+                    data.eval_fingerprint)
 
 
 def largest_token_id(*datasets) -> int:
@@ -175,8 +220,8 @@ def clip(text: str, head: int = SHOWN_HEAD, tail: int = SHOWN_TAIL) -> str:
 # --- supervised fine-tuning -----------------------------------------------------------------------
 
 
-def preflight_sft(config: TrainConfig, tokenizer, console: Console, findings: Findings) -> tuple[int, int]:
-    """Tokenize the conversations as training would, show samples and check them; (largest id, samples)."""
+def preflight_sft(config: TrainConfig, tokenizer, console: Console, findings: Findings) -> Prepared:
+    """Tokenize the conversations as training would, show samples and check them."""
     from infuse.data.sft import evaluation_samples, read_sft_samples
     from infuse.data.templates import apply_template, end_of_turn
 
@@ -193,8 +238,8 @@ def preflight_sft(config: TrainConfig, tokenizer, console: Console, findings: Fi
     check_end_of_turn(dataset, tokenizer, stats.end_of_turn, config.cutoff_len, console, findings)
     check_round_trip(samples.conversations, tokenizer, template, console, findings)
     check_batches(dataset, tokenizer, config.packing, console, findings)
-    dataset, evaluation, _, _ = evaluation_samples(dataset, config, tokenizer, template, console)
-    return largest_token_id(dataset, evaluation), len(dataset)
+    dataset, evaluation, _, eval_fingerprint = evaluation_samples(dataset, config, tokenizer, template, console)
+    return Prepared(largest_token_id(dataset, evaluation), len(dataset), stats.fingerprint, eval_fingerprint)
 
 
 def shown_indices(count: int, shown: int = SHOWN_SAMPLES) -> list[int]:

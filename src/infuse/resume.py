@@ -115,6 +115,14 @@ def training_stopped(checkpoint: Path) -> bool:
     return control.get("should_training_stop", False) or 0 < state.get("max_steps", 0) <= state["global_step"]
 
 
+def sealed_processes(output_dir: Path) -> int:
+    """How many processes trained the latest complete checkpoint in ``output_dir`` (1 if none)."""
+    sealed = [p for p in checkpoints(output_dir) if is_sealed(p)]
+    if not sealed:
+        return 1
+    return json.loads((sealed[-1] / SEAL_FILE).read_text())["fingerprint"].get("processes", 1)
+
+
 def check_same_run(checkpoint: Path, fingerprint: dict[str, Any]) -> None:
     """Stop when the checkpoint was written by a run with other settings or other data."""
     seal = json.loads((checkpoint / SEAL_FILE).read_text())["fingerprint"]

@@ -64,7 +64,7 @@ def run(config: TrainConfig, console: Console | None = None,
         config = materialize_base(config, tokenizer, output_dir, console)
     for folder in plan.ignored:
         console.print(f"[yellow]Ignoring {folder}: incomplete (the process died while writing it).")
-    if plan.finished and (done := finished_manifest(output_dir, config, data)):
+    if plan.finished and (done := finished_manifest(output_dir, config, data.fingerprint, data.eval_fingerprint)):
         console.print(f"{output_dir} holds this run, trained to its last step and saved: nothing to do. "
                       "Pass --overwrite_output_dir true to train it again.")
         return done
@@ -153,16 +153,17 @@ class NothingAtEpochEnd(TrainerCallback):
         control.should_evaluate = control.should_save = False
 
 
-def finished_manifest(output_dir: Path, config: TrainConfig, data: TrainData) -> dict[str, Any] | None:
-    """The manifest in ``output_dir`` if it records this very run (settings, training and evaluation
-    data): written after the final save, so the run's artefacts are all there."""
+def finished_manifest(output_dir: Path, config: TrainConfig, data_fingerprint: str,
+                      eval_fingerprint: str) -> dict[str, Any] | None:
+    """The manifest in ``output_dir`` if it records this very run (``config`` on its saved base,
+    training and evaluation data): written after the final save, so the run's artefacts are all there."""
     path = output_dir / MANIFEST
     if not path.is_file():
         return None
     manifest = json.loads(path.read_text())
     same = (manifest.get("config") == json.loads(json.dumps(config.to_dict(), default=str))
-            and manifest.get("data_fingerprint") == data.fingerprint
-            and manifest.get("eval_data_fingerprint") == (data.eval_fingerprint or None))
+            and manifest.get("data_fingerprint") == data_fingerprint
+            and manifest.get("eval_data_fingerprint") == (eval_fingerprint or None))
     return manifest if same else None
 
 
@@ -230,15 +231,24 @@ def cache_dir(config: TrainConfig) -> Path:
 def materialize_base(config: TrainConfig, tokenizer, output_dir: Path, console: Console) -> TrainConfig:
     """An adapter needs a base that exists on disk: a model built from ``model_config`` is saved
     once to ``output_dir/base`` and trained from there (and reused on resume)."""
-    if not config.model_config or config.finetuning_type == "full":
+    trained = on_saved_base(config, output_dir)
+    if trained is config:
         return config
-    base = output_dir / "base"
+    base = Path(trained.model_name_or_path)
     if not (base / "config.json").is_file():
         model = load_model(replace(config, finetuning_type="full"), tokenizer)
         model.save_pretrained(str(base))
         tokenizer.save_pretrained(str(base))
         console.print(f"Built a new base model from {config.model_config} and saved it to {base}.")
-    return replace(config, model_name_or_path=str(base), model_config=None)
+    return trained
+
+
+def on_saved_base(config: TrainConfig, output_dir: Path) -> TrainConfig:
+    """The config as the run trains and records it: an adapter of a model built from
+    ``model_config`` is trained on the base saved to ``output_dir/base``."""
+    if not config.model_config or config.finetuning_type == "full":
+        return config
+    return replace(config, model_name_or_path=str(output_dir / "base"), model_config=None)
 
 
 def stop_at_end_of_turn(model, tokenizer, marker: str, output_dir: Path | None) -> None:
