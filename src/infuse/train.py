@@ -26,7 +26,7 @@ from infuse.errors import InfuseError
 from infuse.logs import quiet_progress_bars
 from infuse.models import check_model_source, describe_model, load_model, load_tokenizer
 from infuse.progress import RichProgress
-from infuse.resume import SealCheckpoints, plan_resume, resume_fingerprint
+from infuse.resume import ResumePlan, SealCheckpoints, plan_resume, resume_fingerprint
 
 MANIFEST = "infuse_run.json"
 LIBRARIES = ("infuse-llm", "torch", "transformers", "peft", "trl", "accelerate", "datasets",
@@ -62,17 +62,11 @@ def run(config: TrainConfig, console: Console | None = None,
         plan = plan_resume(output_dir, fingerprint, config.training.get("resume_from_checkpoint"),
                            config.overwrite_output_dir)
         config = materialize_base(config, tokenizer, output_dir, console)
-    for folder in plan.ignored:
-        console.print(f"[yellow]Ignoring {folder}: incomplete (the process died while writing it).")
     if plan.finished and (done := finished_manifest(output_dir, config, data.fingerprint, data.eval_fingerprint)):
         console.print(f"{output_dir} holds this run, trained to its last step and saved: nothing to do. "
                       "Pass --overwrite_output_dir true to train it again.")
         return done
-    if plan.finished:  # it stopped after its last checkpoint, or the evaluation files changed
-        console.print(f"Resuming from [bold]{plan.checkpoint}[/bold], where training stopped: nothing is left "
-                      "to train; evaluating and saving.")
-    elif plan.checkpoint:
-        console.print(f"Resuming from [bold]{plan.checkpoint}[/bold]")
+    announce(plan, console)
 
     model = load_model(config, tokenizer)
     describe_model(model, console)
@@ -112,11 +106,8 @@ def run(config: TrainConfig, console: Console | None = None,
             data.stats["train"]["speedups"]["attention_calls"] = dict(attention_calls)
             stop_at_end_of_turn(trainer.model, tokenizer, data.stats["train"]["end_of_turn"],
                                 output_dir if args.should_save else None)
-        trained = result.metrics
-        if plan.finished:  # the Trainer's metrics of no step at all, with a train_loss of 0
-            trained = {}
-            trainer.state.log_history = [entry for entry in trainer.state.log_history if "train_loss" not in entry]
-        metrics = {**trained, **final_evaluation(trainer, data, console, averaged=bool(averaging))}
+        metrics = {**train_metrics(result, trainer, plan.finished),
+                   **final_evaluation(trainer, data, console, averaged=bool(averaging))}
         trainer.save_model(str(output_dir))
     manifest = build_manifest(config, data, trainer, metrics, plan.checkpoint, started)
     if args.should_save:
@@ -125,6 +116,25 @@ def run(config: TrainConfig, console: Console | None = None,
     loss = f" (train loss {metrics['train_loss']:.4f})" if "train_loss" in metrics else ""
     console.print(f"[green]Saved[/green] {describe_artefact(config)} to [bold]{output_dir}[/bold]{loss}.")
     return manifest
+
+
+def announce(plan: ResumePlan, console: Console) -> None:
+    for folder in plan.ignored:
+        console.print(f"[yellow]Ignoring {folder}: incomplete (the process died while writing it).")
+    if plan.finished:  # it stopped after its last checkpoint, or the evaluation files changed
+        console.print(f"Resuming from [bold]{plan.checkpoint}[/bold], where training stopped: nothing is left "
+                      "to train; evaluating and saving.")
+    elif plan.checkpoint:
+        console.print(f"Resuming from [bold]{plan.checkpoint}[/bold]")
+
+
+def train_metrics(result, trainer: Trainer, finished: bool) -> dict[str, Any]:
+    """The Trainer's metrics of this call, none where it trained no step: for no step it reports (and
+    logs) a train_loss of 0."""
+    if not finished:
+        return result.metrics
+    trainer.state.log_history = [entry for entry in trainer.state.log_history if "train_loss" not in entry]
+    return {}
 
 
 class RunTrainer(Trainer):
