@@ -143,6 +143,8 @@ def test_preflight_says_what_training_would_do_with_the_output_dir(capsys, tiny_
     assert code == 0 and f"Output: {out} holds this run, trained to its last step and saved" in printed
     code, printed = preflight(capsys, None, *overrides, "--learning_rate", "1e-3")
     assert code == 2 and "problem:" in printed and "learning_rate: 0.0002 -> 0.001" in printed
+    code, printed = preflight(capsys, None, *overrides, "--max_steps", "6")
+    assert f"resume from {out / 'checkpoint-4'} (step 4, the run made longer: max_steps: 4 -> 6)." in printed
 
     (out / "infuse_run.json").unlink()
     code, printed = preflight(capsys, None, *overrides)

@@ -102,6 +102,38 @@ def test_a_finished_run_started_again_trains_no_more(recipe, tmp_path, capsys):
     assert all(torch.equal(tensor, load_file(out / "model.safetensors")[name]) for name, tensor in weights.items())
 
 
+def test_a_run_made_longer_trains_on_from_its_last_checkpoint(recipe, tmp_path, capsys):
+    straight = tmp_path / "straight"
+    main(["train", str(recipe(straight, max_steps=8, lr_scheduler_type="constant"))])
+    longer = tmp_path / "longer"
+    main(["train", str(recipe(longer, max_steps=4, lr_scheduler_type="constant"))])
+    capsys.readouterr()
+
+    main(["train", str(recipe(longer, max_steps=8, lr_scheduler_type="constant"))])
+    assert "The run is made longer (max_steps: 4 -> 8)." in " ".join(capsys.readouterr().out.split())
+    manifest = json.loads((longer / "infuse_run.json").read_text())
+    assert manifest["resumed_from"] == str(longer / "checkpoint-4") and manifest["lengthened"] == "max_steps: 4 -> 8"
+    # At a constant learning rate, four steps and four more are the eight steps of one run.
+    assert losses(longer) == pytest.approx(losses(straight), abs=1e-6)
+    expected, got = load_file(straight / "model.safetensors"), load_file(longer / "model.safetensors")
+    assert max((expected[k] - got[k]).abs().max().item() for k in expected) <= 1e-6
+
+    with pytest.raises(SystemExit):  # shorter than its last checkpoint: that is a change
+        main(["train", str(recipe(longer, max_steps=6, lr_scheduler_type="constant"))])
+    assert "max_steps: 8 -> 6" in capsys.readouterr().err
+
+
+def test_only_more_steps_or_epochs_make_a_run_longer():
+    from infuse.resume import longer_run
+
+    assert longer_run({"max_steps": 8}, {"max_steps": 16}) == "max_steps: 8 -> 16"
+    assert longer_run({"num_train_epochs": 1}, {"num_train_epochs": 3}) == "num_train_epochs: 1 -> 3"
+    assert longer_run({}, {"num_train_epochs": 5}) == "num_train_epochs: 3 -> 5"  # TrainingArguments' default: 3
+    assert longer_run({"max_steps": 16}, {"max_steps": 8}) == ""
+    assert longer_run({"num_train_epochs": 3}, {"max_steps": 100}) == ""  # steps against epochs: unknown
+    assert longer_run({"max_steps": 8, "num_train_epochs": 1}, {"max_steps": 16, "num_train_epochs": 2}) == ""
+
+
 def test_changed_settings_stop_the_resume_unless_overwriting(recipe, tmp_path, capsys):
     out = tmp_path / "run"
     main(["train", str(recipe(out, max_steps=4))])

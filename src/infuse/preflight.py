@@ -171,8 +171,10 @@ def describe_output(config: TrainConfig, prepared: Prepared) -> str:
         return (f"Output: {output_dir}: training stopped at {plan.checkpoint}; `infuse train`{with_processes} "
                 f"would evaluate and save from it{ignored}.")
     state = json.loads((Path(plan.checkpoint) / "trainer_state.json").read_text())
+    where = (f"step {state['global_step']:,}, the run made longer: {plan.lengthened}" if plan.lengthened
+             else f"step {state['global_step']:,} of {state['max_steps']:,}")
     return (f"Output: {output_dir}: `infuse train`{with_processes} would resume from {plan.checkpoint} "
-            f"(step {state['global_step']:,} of {state['max_steps']:,}){ignored}.")
+            f"({where}){ignored}.")
 
 
 # --- pretraining ----------------------------------------------------------------------------------

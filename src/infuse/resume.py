@@ -36,11 +36,17 @@ NEUTRAL_KEYS = {
 }
 
 
+# A run may be made longer: resumed with more epochs or steps than it was started with, it trains
+# on from its checkpoint. Anything else about its length is a change like any other.
+LENGTH_KEYS = ("num_train_epochs", "max_steps")
+
+
 @dataclass
 class ResumePlan:
     checkpoint: str | None
     ignored: list[str]  # checkpoint folders left unsealed by a process that died while saving
     finished: bool = False  # training stopped at the checkpoint: nothing is left to train
+    lengthened: str = ""  # "num_train_epochs: 1 -> 3" when the run is made longer than the checkpoint's
 
 
 def resume_fingerprint(config, data_fingerprint: str, eval_fingerprint: str, processes: int = 1) -> dict[str, Any]:
@@ -104,8 +110,9 @@ def plan_resume(output_dir: Path, fingerprint: dict[str, Any], requested: str | 
         if requested is False or str(requested).lower() == "false" or not sealed:
             return ResumePlan(None, ignored)
         checkpoint = sealed[-1]
-    check_same_run(checkpoint, fingerprint)
-    return ResumePlan(str(checkpoint), ignored, finished=training_stopped(checkpoint))
+    lengthened = check_same_run(checkpoint, fingerprint)
+    return ResumePlan(str(checkpoint), ignored, finished=training_stopped(checkpoint) and not lengthened,
+                      lengthened=lengthened)
 
 
 def training_stopped(checkpoint: Path) -> bool:
@@ -123,9 +130,15 @@ def sealed_processes(output_dir: Path) -> int:
     return json.loads((sealed[-1] / SEAL_FILE).read_text())["fingerprint"].get("processes", 1)
 
 
-def check_same_run(checkpoint: Path, fingerprint: dict[str, Any]) -> None:
-    """Stop when the checkpoint was written by a run with other settings or other data."""
+def check_same_run(checkpoint: Path, fingerprint: dict[str, Any]) -> str:
+    """Stop when the checkpoint was written by a run with other settings or other data; a run made
+    longer is the same run, and its new length is returned ("max_steps: 8 -> 16")."""
     seal = json.loads((checkpoint / SEAL_FILE).read_text())["fingerprint"]
+    lengthened = longer_run(seal["settings"], fingerprint["settings"])
+    if lengthened:  # compared on everything else
+        same_length = {key: value for key, value in fingerprint["settings"].items() if key in LENGTH_KEYS}
+        kept = {key: value for key, value in seal["settings"].items() if key not in LENGTH_KEYS}
+        seal = {**seal, "settings": {**kept, **same_length}}
     changes = describe_changes(seal, fingerprint)
     if changes:
         listed = "; ".join(changes)
@@ -134,6 +147,21 @@ def check_same_run(checkpoint: Path, fingerprint: dict[str, Any]) -> None:
             "Resuming would silently skip or repeat training. Restore the old settings to continue "
             "that run, choose another output_dir, or pass --overwrite_output_dir to start afresh."
         )
+    return lengthened
+
+
+def longer_run(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """The change of length from settings ``old`` to ``new`` if it only makes the run longer: more
+    ``max_steps``, or more ``num_train_epochs`` where no ``max_steps`` bounds the run; else ""."""
+    def length(settings: dict[str, Any]) -> tuple[float, float]:  # TrainingArguments' defaults: -1, 3
+        return float(settings.get("max_steps") or -1), float(settings.get("num_train_epochs") or 3.0)
+
+    (old_steps, old_epochs), (new_steps, new_epochs) = length(old), length(new)
+    if old_steps > 0 and new_steps > old_steps and new_epochs == old_epochs:
+        return f"max_steps: {old_steps:g} -> {new_steps:g}"
+    if old_steps <= 0 and new_steps <= 0 and new_epochs > old_epochs:
+        return f"num_train_epochs: {old_epochs:g} -> {new_epochs:g}"
+    return ""
 
 
 def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

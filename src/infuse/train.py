@@ -66,7 +66,7 @@ def run(config: TrainConfig, console: Console | None = None,
         console.print(f"{output_dir} holds this run, trained to its last step and saved: nothing to do. "
                       "Pass --overwrite_output_dir true to train it again.")
         return done
-    announce(plan, console)
+    announce(plan, config, console)
 
     model = load_model(config, tokenizer)
     describe_model(model, console)
@@ -109,7 +109,7 @@ def run(config: TrainConfig, console: Console | None = None,
         metrics = {**train_metrics(result, trainer, plan.finished),
                    **final_evaluation(trainer, data, console, averaged=bool(averaging))}
         trainer.save_model(str(output_dir))
-    manifest = build_manifest(config, data, trainer, metrics, plan.checkpoint, started)
+    manifest = build_manifest(config, data, trainer, metrics, plan, started)
     if args.should_save:
         tokenizer.save_pretrained(str(output_dir))
         (output_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
@@ -118,7 +118,7 @@ def run(config: TrainConfig, console: Console | None = None,
     return manifest
 
 
-def announce(plan: ResumePlan, console: Console) -> None:
+def announce(plan: ResumePlan, config: TrainConfig, console: Console) -> None:
     for folder in plan.ignored:
         console.print(f"[yellow]Ignoring {folder}: incomplete (the process died while writing it).")
     if plan.finished:  # it stopped after its last checkpoint, or the evaluation files changed
@@ -126,6 +126,12 @@ def announce(plan: ResumePlan, console: Console) -> None:
                       "to train; evaluating and saving.")
     elif plan.checkpoint:
         console.print(f"Resuming from [bold]{plan.checkpoint}[/bold]")
+    if plan.lengthened:
+        console.print(f"The run is made longer ({plan.lengthened}).")
+        schedule = config.training.get("lr_scheduler_type", "linear")
+        if schedule not in ("constant", "constant_with_warmup"):
+            console.print(f"[yellow]The {schedule} learning-rate schedule is planned over the new length: from "
+                          "the checkpoint's step on, the rate follows that plan, not the shorter run's.")
 
 
 def train_metrics(result, trainer: Trainer, finished: bool) -> dict[str, Any]:
@@ -319,7 +325,7 @@ def describe_artefact(config: TrainConfig) -> str:
 
 
 def build_manifest(config: TrainConfig, data: TrainData, trainer: Trainer, metrics: dict[str, Any],
-                   resumed_from: str | None, started: float) -> dict[str, Any]:
+                   plan: ResumePlan, started: float) -> dict[str, Any]:
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     return {
         "infuse_version": __version__,
@@ -330,7 +336,8 @@ def build_manifest(config: TrainConfig, data: TrainData, trainer: Trainer, metri
         "eval_data_fingerprint": data.eval_fingerprint or None,
         "trainable_parameters": trainable,
         "processes": trainer.args.world_size,  # data parallel: each takes per_device_train_batch_size a step
-        "resumed_from": resumed_from,
+        "resumed_from": plan.checkpoint,
+        "lengthened": plan.lengthened or None,
         "metrics": metrics,
         "log_history": trainer.state.log_history,
         "libraries": library_versions(),
