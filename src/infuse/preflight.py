@@ -91,7 +91,7 @@ def report(findings: Findings, console: Console) -> bool:
         console.print(f"[bold red]Preflight failed[/bold red]: {len(findings.problems)} problem(s) would "
                       "make this run useless; fix them before training.")
         return False
-    console.print("[bold green]Preflight passed[/bold green]: `infuse train` would train on this.")
+    console.print("[bold green]Preflight passed[/bold green]: no problem found for `infuse train`.")
     return True
 
 
