@@ -102,6 +102,19 @@ def test_a_finished_run_started_again_trains_no_more(recipe, tmp_path, capsys):
     assert all(torch.equal(tensor, load_file(out / "model.safetensors")[name]) for name, tensor in weights.items())
 
 
+def test_a_finished_run_that_kept_no_checkpoint_is_not_trained_again(recipe, tmp_path, capsys):
+    out = tmp_path / "run"
+    config = recipe(out, max_steps=4, save_strategy="no")
+    main(["train", str(config)])
+    manifest = (out / "infuse_run.json").read_text()
+    capsys.readouterr()
+    main(["train", str(config)])
+    assert "nothing to do" in " ".join(capsys.readouterr().out.split())
+    assert (out / "infuse_run.json").read_text() == manifest
+    main(["train", str(config), "--overwrite_output_dir", "true"])  # the way to train it again
+    assert "nothing to do" not in capsys.readouterr().out and (out / "infuse_run.json").read_text() != manifest
+
+
 def test_a_run_made_longer_trains_on_from_its_last_checkpoint(recipe, tmp_path, capsys):
     straight = tmp_path / "straight"
     main(["train", str(recipe(straight, max_steps=8, lr_scheduler_type="constant"))])

@@ -62,7 +62,7 @@ def run(config: TrainConfig, console: Console | None = None,
         plan = plan_resume(output_dir, fingerprint, config.training.get("resume_from_checkpoint"),
                            config.overwrite_output_dir)
         config = materialize_base(config, tokenizer, output_dir, console)
-    if plan.finished and (done := finished_manifest(output_dir, config, data.fingerprint, data.eval_fingerprint)):
+    if done := finished_run(output_dir, config, plan, data.fingerprint, data.eval_fingerprint):
         console.print(f"{output_dir} holds this run, trained to its last step and saved: nothing to do. "
                       "Pass --overwrite_output_dir true to train it again.")
         return done
@@ -169,12 +169,13 @@ class NothingAtEpochEnd(TrainerCallback):
         control.should_evaluate = control.should_save = False
 
 
-def finished_manifest(output_dir: Path, config: TrainConfig, data_fingerprint: str,
-                      eval_fingerprint: str) -> dict[str, Any] | None:
+def finished_run(output_dir: Path, config: TrainConfig, plan: ResumePlan, data_fingerprint: str,
+                 eval_fingerprint: str) -> dict[str, Any] | None:
     """The manifest in ``output_dir`` if it records this very run (``config`` on its saved base,
-    training and evaluation data): written after the final save, so the run's artefacts are all there."""
+    training and evaluation data) and no checkpoint is left to train on from. It is written after
+    the final save, so the run's artefacts are all there, with or without checkpoints."""
     path = output_dir / MANIFEST
-    if not path.is_file():
+    if config.overwrite_output_dir or (plan.checkpoint and not plan.finished) or not path.is_file():
         return None
     manifest = json.loads(path.read_text())
     same = (manifest.get("config") == json.loads(json.dumps(config.to_dict(), default=str))
