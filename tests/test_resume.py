@@ -102,7 +102,7 @@ def test_a_finished_run_started_again_trains_no_more(recipe, tmp_path, capsys):
     assert all(torch.equal(tensor, load_file(out / "model.safetensors")[name]) for name, tensor in weights.items())
 
 
-def test_a_finished_run_that_kept_no_checkpoint_is_not_trained_again(recipe, tmp_path, capsys):
+def test_a_finished_run_that_kept_no_checkpoint_is_neither_trained_again_nor_replaced(recipe, tmp_path, capsys):
     out = tmp_path / "run"
     config = recipe(out, max_steps=4, save_strategy="no")
     main(["train", str(config)])
@@ -111,6 +111,10 @@ def test_a_finished_run_that_kept_no_checkpoint_is_not_trained_again(recipe, tmp
     main(["train", str(config)])
     assert "nothing to do" in " ".join(capsys.readouterr().out.split())
     assert (out / "infuse_run.json").read_text() == manifest
+    with pytest.raises(SystemExit):  # another run would replace its model
+        main(["train", str(config), "--learning_rate", "1e-3"])
+    assert "holds a finished run with other settings or data (learning_rate: 0.003 -> 0.001)" in " ".join(
+        capsys.readouterr().err.split())
     main(["train", str(config), "--overwrite_output_dir", "true"])  # the way to train it again
     assert "nothing to do" not in capsys.readouterr().out and (out / "infuse_run.json").read_text() != manifest
 

@@ -26,7 +26,14 @@ from infuse.errors import InfuseError
 from infuse.logs import quiet_progress_bars
 from infuse.models import check_model_source, describe_model, load_model, load_tokenizer
 from infuse.progress import RichProgress
-from infuse.resume import ResumePlan, SealCheckpoints, plan_resume, resume_fingerprint
+from infuse.resume import (
+    ResumePlan,
+    SealCheckpoints,
+    describe_changes,
+    plan_resume,
+    resume_fingerprint,
+    run_fingerprint,
+)
 
 MANIFEST = "infuse_run.json"
 LIBRARIES = ("infuse-llm", "torch", "transformers", "peft", "trl", "accelerate", "datasets",
@@ -61,6 +68,7 @@ def run(config: TrainConfig, console: Console | None = None,
         fingerprint = resume_fingerprint(config, data.fingerprint, data.eval_fingerprint, args.world_size)
         plan = plan_resume(output_dir, fingerprint, config.training.get("resume_from_checkpoint"),
                            config.overwrite_output_dir)
+        check_not_replacing(output_dir, on_saved_base(config, output_dir), plan, data.fingerprint, args.world_size)
         config = materialize_base(config, tokenizer, output_dir, console)
     if done := finished_run(output_dir, config, plan, data.fingerprint, data.eval_fingerprint):
         console.print(f"{output_dir} holds this run, trained to its last step and saved: nothing to do. "
@@ -167,6 +175,28 @@ class NothingAtEpochEnd(TrainerCallback):
 
     def on_epoch_end(self, args, state, control, **kwargs):
         control.should_evaluate = control.should_save = False
+
+
+def check_not_replacing(output_dir: Path, config: TrainConfig, plan: ResumePlan, data_fingerprint: str,
+                        processes: int) -> None:
+    """Stop before a run trains over another finished run in ``output_dir`` (one with other settings
+    or data, and no checkpoint to resume), as it stops before resuming another run's checkpoint."""
+    path = output_dir / MANIFEST
+    if config.overwrite_output_dir or plan.checkpoint or not path.is_file():
+        return
+    manifest = json.loads(path.read_text())
+
+    def trajectory(settings: dict[str, Any], data: str, processes: int) -> dict[str, Any]:
+        kept = {key: value for key, value in settings.items() if key != "eval_dataset"}
+        return {**run_fingerprint(kept, data), "processes": processes}
+
+    changes = describe_changes(
+        trajectory(manifest.get("config", {}), manifest.get("data_fingerprint", ""), manifest.get("processes", 1)),
+        trajectory(config.to_dict(), data_fingerprint, processes))
+    if changes:
+        raise InfuseError(f"{output_dir} holds a finished run with other settings or data ({'; '.join(changes)}); "
+                          "training here would replace its model. Choose another output_dir, or pass "
+                          "--overwrite_output_dir true to replace it.")
 
 
 def finished_run(output_dir: Path, config: TrainConfig, plan: ResumePlan, data_fingerprint: str,
