@@ -150,7 +150,7 @@ def describe_output(config: TrainConfig, prepared: Prepared) -> str:
     """What ``infuse train`` would do with ``output_dir``. A checkpoint of other settings or data
     raises InfuseError, as training would stop on it."""
     from infuse.resume import checkpoints, plan_resume, resume_fingerprint, sealed_processes
-    from infuse.train import check_not_replacing, finished_run, on_saved_base
+    from infuse.train import finished_run, on_saved_base
 
     output_dir = Path(config.output_dir)
     if config.overwrite_output_dir:
@@ -159,9 +159,8 @@ def describe_output(config: TrainConfig, prepared: Prepared) -> str:
     processes = sealed_processes(output_dir)  # preflight is one process; the run may be started with more
     fingerprint = resume_fingerprint(config, prepared.fingerprint, prepared.eval_fingerprint, processes)
     plan = plan_resume(output_dir, fingerprint, config.training.get("resume_from_checkpoint"), overwrite=False)
-    trained = on_saved_base(config, output_dir)
-    check_not_replacing(output_dir, trained, plan, prepared.fingerprint, processes)
-    if finished_run(output_dir, trained, plan, prepared.fingerprint, prepared.eval_fingerprint):
+    if finished_run(output_dir, on_saved_base(config, output_dir), plan, prepared.fingerprint,
+                    prepared.eval_fingerprint, processes):
         return (f"Output: {output_dir} holds this run, trained to its last step and saved: `infuse train` "
                 "would do nothing (--overwrite_output_dir true trains it again).")
     ignored = f" ({len(plan.ignored)} incomplete checkpoint(s) ignored)" if plan.ignored else ""

@@ -68,9 +68,10 @@ def run(config: TrainConfig, console: Console | None = None,
         fingerprint = resume_fingerprint(config, data.fingerprint, data.eval_fingerprint, args.world_size)
         plan = plan_resume(output_dir, fingerprint, config.training.get("resume_from_checkpoint"),
                            config.overwrite_output_dir)
-        check_not_replacing(output_dir, on_saved_base(config, output_dir), plan, data.fingerprint, args.world_size)
+        done = finished_run(output_dir, on_saved_base(config, output_dir), plan, data.fingerprint,
+                            data.eval_fingerprint, args.world_size)
         config = materialize_base(config, tokenizer, output_dir, console)
-    if done := finished_run(output_dir, config, plan, data.fingerprint, data.eval_fingerprint):
+    if done:
         console.print(f"{output_dir} holds this run, trained to its last step and saved: nothing to do. "
                       "Pass --overwrite_output_dir true to train it again.")
         return done
@@ -177,14 +178,21 @@ class NothingAtEpochEnd(TrainerCallback):
         control.should_evaluate = control.should_save = False
 
 
-def check_not_replacing(output_dir: Path, config: TrainConfig, plan: ResumePlan, data_fingerprint: str,
-                        processes: int) -> None:
-    """Stop before a run trains over another finished run in ``output_dir`` (one with other settings
-    or data, and no checkpoint to resume), as it stops before resuming another run's checkpoint."""
+def finished_run(output_dir: Path, config: TrainConfig, plan: ResumePlan, data_fingerprint: str,
+                 eval_fingerprint: str, processes: int) -> dict[str, Any] | None:
+    """The manifest in ``output_dir`` if it records this very run (``config`` on its saved base,
+    training and evaluation data) and no checkpoint is left to train on from: written after the
+    final save, so the run's artefacts are all there, with or without checkpoints. A finished run
+    of other settings or data, with no checkpoint to resume, is not trained over (InfuseError), as
+    another run's checkpoint is not resumed."""
     path = output_dir / MANIFEST
-    if config.overwrite_output_dir or plan.checkpoint or not path.is_file():
-        return
+    if config.overwrite_output_dir or (plan.checkpoint and not plan.finished) or not path.is_file():
+        return None
     manifest = json.loads(path.read_text())
+    if (manifest.get("config") == json.loads(json.dumps(config.to_dict(), default=str))
+            and manifest.get("data_fingerprint") == data_fingerprint
+            and manifest.get("eval_data_fingerprint") == (eval_fingerprint or None)):
+        return manifest
 
     def trajectory(settings: dict[str, Any], data: str, processes: int) -> dict[str, Any]:
         kept = {key: value for key, value in settings.items() if key != "eval_dataset"}
@@ -193,25 +201,11 @@ def check_not_replacing(output_dir: Path, config: TrainConfig, plan: ResumePlan,
     changes = describe_changes(
         trajectory(manifest.get("config", {}), manifest.get("data_fingerprint", ""), manifest.get("processes", 1)),
         trajectory(config.to_dict(), data_fingerprint, processes))
-    if changes:
+    if plan.checkpoint is None and changes:
         raise InfuseError(f"{output_dir} holds a finished run with other settings or data ({'; '.join(changes)}); "
                           "training here would replace its model. Choose another output_dir, or pass "
                           "--overwrite_output_dir true to replace it.")
-
-
-def finished_run(output_dir: Path, config: TrainConfig, plan: ResumePlan, data_fingerprint: str,
-                 eval_fingerprint: str) -> dict[str, Any] | None:
-    """The manifest in ``output_dir`` if it records this very run (``config`` on its saved base,
-    training and evaluation data) and no checkpoint is left to train on from. It is written after
-    the final save, so the run's artefacts are all there, with or without checkpoints."""
-    path = output_dir / MANIFEST
-    if config.overwrite_output_dir or (plan.checkpoint and not plan.finished) or not path.is_file():
-        return None
-    manifest = json.loads(path.read_text())
-    same = (manifest.get("config") == json.loads(json.dumps(config.to_dict(), default=str))
-            and manifest.get("data_fingerprint") == data_fingerprint
-            and manifest.get("eval_data_fingerprint") == (eval_fingerprint or None))
-    return manifest if same else None
+    return None
 
 
 class EpochData(TrainerCallback):
