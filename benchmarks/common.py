@@ -9,8 +9,12 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from infuse.logs import library_bars_only_in_a_terminal
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
+
+library_bars_only_in_a_terminal()  # as infuse's own commands: a benchmark's log is its JSON line, not tqdm redraws
 
 
 def random_model(folder: Path, shape: dict | Path, tokenizer, seed: int = 0) -> int:
