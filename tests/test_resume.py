@@ -139,6 +139,12 @@ def test_a_run_made_longer_trains_on_from_its_last_checkpoint(recipe, tmp_path, 
         main(["train", str(recipe(longer, max_steps=6, lr_scheduler_type="constant"))])
     assert "max_steps: 8 -> 6" in capsys.readouterr().err
 
+    averaged = tmp_path / "averaged"  # its checkpoint holds the mean over the shorter run's last half
+    main(["train", str(recipe(averaged, max_steps=4, swa_start=0.5))])
+    with pytest.raises(SystemExit):
+        main(["train", str(recipe(averaged, max_steps=8, swa_start=0.5))])
+    assert "cannot be made longer (max_steps: 4 -> 8)" in " ".join(capsys.readouterr().err.split())
+
 
 def test_only_more_steps_or_epochs_make_a_run_longer():
     from infuse.resume import longer_run

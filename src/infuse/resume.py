@@ -135,6 +135,10 @@ def check_same_run(checkpoint: Path, fingerprint: dict[str, Any]) -> str:
     longer is the same run, and its new length is returned ("max_steps: 8 -> 16")."""
     seal = json.loads((checkpoint / SEAL_FILE).read_text())["fingerprint"]
     lengthened = longer_run(seal["settings"], fingerprint["settings"])
+    if lengthened and fingerprint["settings"].get("swa_start") is not None:
+        raise InfuseError(f"{checkpoint}: a run that averages its weights (swa_start) cannot be made longer "
+                          f"({lengthened}): the average the checkpoint holds is over a share of the shorter "
+                          "run's steps. Train the longer run afresh: another output_dir, or --overwrite_output_dir.")
     if lengthened:  # compared on everything else
         same_length = {key: value for key, value in fingerprint["settings"].items() if key in LENGTH_KEYS}
         kept = {key: value for key, value in seal["settings"].items() if key not in LENGTH_KEYS}
