@@ -4,7 +4,9 @@ The Trainer writes ``checkpoint-N`` folders in place, so a process killed mid-sa
 folder that looks like a checkpoint but is not one. After the Trainer has finished writing a
 checkpoint, infuse seals it with ``infuse_seal.json``: the run's fingerprint (every setting and
 data hash that shapes the training trajectory). Only sealed checkpoints are resumed from, and
-only when their fingerprint matches the run being started.
+only when their fingerprint matches the run being started; a run made longer (more steps or
+epochs) still matches. A checkpoint where training stopped leaves nothing to train
+(``ResumePlan.finished``).
 """
 
 from __future__ import annotations
