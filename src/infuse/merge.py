@@ -17,7 +17,6 @@ import gc
 import json
 import os
 import shutil
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -37,6 +36,7 @@ from infuse.models import (
     dora_reads_4bit_weights,
     inference_tokenizer,
     load_for_inference,
+    peft_quietly,
 )
 from infuse.train import MANIFEST
 
@@ -208,9 +208,7 @@ def adapted_base(base_dir: Path, adapter_dir: Path, trained: TrainedAs, device: 
         model.dequantize()
         if trained.dtype != "auto":
             model.to(trained.dtype)
-    with _adapter_fits(adapter_dir, base_dir), warnings.catch_warnings():
-        # peft asks transformers 5 for a renamed attribute; the warning is not the user's to act on.
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+    with _adapter_fits(adapter_dir, base_dir), peft_quietly():
         return PeftModel.from_pretrained(model, adapter_dir)
 
 

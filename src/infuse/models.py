@@ -259,7 +259,7 @@ def _wrap_lora(model: PreTrainedModel, config: TrainConfig) -> PeftModel:
     )
     torch.manual_seed(config.seed)  # lora_A starts random: the same seed, the same run
     try:
-        with _peft_quietly():
+        with peft_quietly():
             return get_peft_model(model, lora)
     except ValueError as e:
         if "not found in the base model" not in str(e):
@@ -281,7 +281,7 @@ def lora_targets(value: str | list[str]) -> str | list[str]:
 
 
 @contextmanager
-def _peft_quietly() -> Iterator[None]:
+def peft_quietly() -> Iterator[None]:
     """peft 0.21 still asks transformers 5 for the renamed ``is_gradient_checkpointing``; the
     deprecation warning that causes is not the user's to act on."""
     with warnings.catch_warnings():
@@ -461,7 +461,7 @@ def load_for_inference(spec: str, dtype: torch.dtype | str | None = None, device
         kwargs["quantization_config"] = quantization
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     if adapter:
-        with _peft_quietly():
+        with peft_quietly():
             model = PeftModel.from_pretrained(model, Path(adapter).expanduser())
     model.eval()
     return model, inference_tokenizer(folder, adapter)

@@ -149,18 +149,16 @@ def describe_steps(config: TrainConfig, samples: int) -> str:
 def describe_output(config: TrainConfig, prepared: Prepared) -> str:
     """What ``infuse train`` would do with ``output_dir``. A checkpoint of other settings or data
     raises InfuseError, as training would stop on it."""
-    from infuse.resume import checkpoints, plan_resume, resume_fingerprint, sealed_processes
-    from infuse.train import finished_run, on_saved_base
+    from infuse.resume import checkpoints, sealed_processes
+    from infuse.train import output_plan
 
     output_dir = Path(config.output_dir)
     if config.overwrite_output_dir:
         return (f"Output: {output_dir}: training would start at step 0 (overwrite_output_dir deletes its "
                 f"{len(checkpoints(output_dir))} checkpoint(s)).")
     processes = sealed_processes(output_dir)  # preflight is one process; the run may be started with more
-    fingerprint = resume_fingerprint(config, prepared.fingerprint, prepared.eval_fingerprint, processes)
-    plan = plan_resume(output_dir, fingerprint, config.training.get("resume_from_checkpoint"), overwrite=False)
-    if finished_run(output_dir, on_saved_base(config, output_dir), plan, prepared.fingerprint,
-                    prepared.eval_fingerprint, processes):
+    _, plan, done = output_plan(config, prepared.fingerprint, prepared.eval_fingerprint, processes, clear=False)
+    if done:
         return (f"Output: {output_dir} holds this run, trained to its last step and saved: `infuse train` "
                 "would do nothing (--overwrite_output_dir true trains it again).")
     ignored = f" ({len(plan.ignored)} incomplete checkpoint(s) ignored)" if plan.ignored else ""

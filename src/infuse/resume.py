@@ -52,18 +52,23 @@ class ResumePlan:
 
 
 def resume_fingerprint(config, data_fingerprint: str, eval_fingerprint: str, processes: int = 1) -> dict[str, Any]:
-    """What a checkpoint and the run that resumes it must share: the settings, the training data and
-    the number of processes (``config`` a TrainConfig). Each process takes its own batch a step, so
-    with another number the steps done would stand for other samples. The evaluation files count
-    too where the eval loss picks the saved weights (``load_best_model_at_end``, which early
-    stopping turns on); elsewhere they change no training step, so they may be added to a run in
-    progress or changed."""
-    settings = config.to_dict()
-    if config.training.get("load_best_model_at_end"):
+    """What a checkpoint and the run that resumes it must share (``config`` a TrainConfig; see
+    ``trajectory_fingerprint``)."""
+    return trajectory_fingerprint(config.to_dict(), data_fingerprint, eval_fingerprint, processes)
+
+
+def trajectory_fingerprint(settings: dict[str, Any], data_fingerprint: str, eval_fingerprint: str,
+                           processes: int) -> dict[str, Any]:
+    """The settings (a config's flat form), the training data and the number of processes. Each
+    process takes its own batch a step, so with another number the steps done would stand for other
+    samples. The evaluation files count too where the eval loss picks the saved weights
+    (``load_best_model_at_end``, which early stopping turns on); elsewhere they change no training
+    step, so they may be added to a run in progress or changed."""
+    if settings.get("load_best_model_at_end"):
         fingerprint = {**run_fingerprint(settings, data_fingerprint), "eval_data": eval_fingerprint}
     else:
-        settings.pop("eval_dataset", None)
-        fingerprint = run_fingerprint(settings, data_fingerprint)
+        kept = {key: value for key, value in settings.items() if key != "eval_dataset"}
+        fingerprint = run_fingerprint(kept, data_fingerprint)
     return {**fingerprint, "processes": processes}
 
 

@@ -32,7 +32,7 @@ from infuse.resume import (
     describe_changes,
     plan_resume,
     resume_fingerprint,
-    run_fingerprint,
+    trajectory_fingerprint,
 )
 
 MANIFEST = "infuse_run.json"
@@ -65,11 +65,8 @@ def run(config: TrainConfig, console: Console | None = None,
         check_model_source(config)
         tokenizer = load_tokenizer(config)
         data = build_data(config, tokenizer, console)
-        fingerprint = resume_fingerprint(config, data.fingerprint, data.eval_fingerprint, args.world_size)
-        plan = plan_resume(output_dir, fingerprint, config.training.get("resume_from_checkpoint"),
-                           config.overwrite_output_dir)
-        done = finished_run(output_dir, on_saved_base(config, output_dir), plan, data.fingerprint,
-                            data.eval_fingerprint, args.world_size)
+        fingerprint, plan, done = output_plan(config, data.fingerprint, data.eval_fingerprint, args.world_size,
+                                              clear=config.overwrite_output_dir)
         config = materialize_base(config, tokenizer, output_dir, console)
     if done:
         console.print(f"{output_dir} holds this run, trained to its last step and saved: nothing to do. "
@@ -178,6 +175,19 @@ class NothingAtEpochEnd(TrainerCallback):
         control.should_evaluate = control.should_save = False
 
 
+def output_plan(config: TrainConfig, data_fingerprint: str, eval_fingerprint: str, processes: int,
+                clear: bool) -> tuple[dict[str, Any], ResumePlan, dict[str, Any] | None]:
+    """What a run does with its ``output_dir``: its fingerprint (sealed into its checkpoints), the
+    checkpoint it resumes (``clear`` deletes them all first), and the manifest of this very run
+    when it is already finished there (see ``finished_run``)."""
+    output_dir = Path(config.output_dir)
+    fingerprint = resume_fingerprint(config, data_fingerprint, eval_fingerprint, processes)
+    plan = plan_resume(output_dir, fingerprint, config.training.get("resume_from_checkpoint"), clear)
+    done = finished_run(output_dir, on_saved_base(config, output_dir), plan, data_fingerprint, eval_fingerprint,
+                        processes)
+    return fingerprint, plan, done
+
+
 def finished_run(output_dir: Path, config: TrainConfig, plan: ResumePlan, data_fingerprint: str,
                  eval_fingerprint: str, processes: int) -> dict[str, Any] | None:
     """The manifest in ``output_dir`` if it records this very run (``config`` on its saved base,
@@ -194,13 +204,10 @@ def finished_run(output_dir: Path, config: TrainConfig, plan: ResumePlan, data_f
             and manifest.get("eval_data_fingerprint") == (eval_fingerprint or None)):
         return manifest
 
-    def trajectory(settings: dict[str, Any], data: str, processes: int) -> dict[str, Any]:
-        kept = {key: value for key, value in settings.items() if key != "eval_dataset"}
-        return {**run_fingerprint(kept, data), "processes": processes}
-
     changes = describe_changes(
-        trajectory(manifest.get("config", {}), manifest.get("data_fingerprint", ""), manifest.get("processes", 1)),
-        trajectory(config.to_dict(), data_fingerprint, processes))
+        trajectory_fingerprint(manifest.get("config", {}), manifest.get("data_fingerprint", ""),
+                               manifest.get("eval_data_fingerprint") or "", manifest.get("processes", 1)),
+        resume_fingerprint(config, data_fingerprint, eval_fingerprint, processes))
     if plan.checkpoint is None and changes:
         raise InfuseError(f"{output_dir} holds a finished run with other settings or data ({'; '.join(changes)}); "
                           "training here would replace its model. Choose another output_dir, or pass "

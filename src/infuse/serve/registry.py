@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +13,14 @@ from typing import Any
 import torch
 
 from infuse.errors import InfuseError
-from infuse.models import CONTEXT_FIELDS, TOKENIZER_FILES, check_adapter_dir, check_model_dir, split_spec
+from infuse.models import (
+    CONTEXT_FIELDS,
+    TOKENIZER_FILES,
+    check_adapter_dir,
+    check_model_dir,
+    peft_quietly,
+    split_spec,
+)
 from infuse.serve.engine import Engine, Event, Job
 from infuse.serve.options import ServeOptions
 from infuse.serve.sampling import Sampling
@@ -201,9 +207,7 @@ def attach_adapters(model: torch.nn.Module, paths: list[str]) -> tuple[torch.nn.
 def _attach(model: torch.nn.Module, path: str, name: str) -> torch.nn.Module:
     from peft import PeftModel
 
-    with warnings.catch_warnings():
-        # peft asks transformers 5 for a renamed attribute; the warning is not the user's to act on.
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+    with peft_quietly():
         try:
             if isinstance(model, PeftModel):
                 model.load_adapter(path, adapter_name=name)
