@@ -79,6 +79,15 @@ def test_block_size_longer_than_the_context(recipe, capsys):
     assert "block_size 4096" in err and "max_position_embeddings is 512" in err
 
 
+def test_each_launched_process_names_itself_in_its_error(recipe, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets them in its second process
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit):
+        main(["train", str(recipe), "--learnin_rate", "1e-3"])
+    err = capsys.readouterr().err
+    assert err.startswith("error (process 1 of 2): ") and "unknown key 'learnin_rate'" in err
+
+
 def test_debug_shows_the_traceback(recipe, capsys):
     with pytest.raises(Exception, match="unknown key"):
         main(["train", str(recipe), "--learnin_rate", "1e-3", "--debug"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 from collections.abc import Callable
@@ -344,6 +345,13 @@ def split_config_and_overrides(rest: list[str]) -> tuple[str | None, list[str]]:
     return None, rest
 
 
+def launched_process() -> str:
+    """' (process 1 of 2)' under torchrun, else '': every process meets the same bad input, and each
+    says so, which reads as one error repeated unless each names itself."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return f" (process {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""
+
+
 def run_command(func: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> None:
     """Run a subcommand; a user-fixable problem is one paragraph on stderr, not a traceback."""
     from infuse.logs import library_bars_only_in_a_terminal, quiet_libraries
@@ -355,7 +363,8 @@ def run_command(func: Callable[[argparse.Namespace], None], args: argparse.Names
     except InfuseError as e:
         if args.debug:
             raise
-        err_console.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error{launched_process()}:[/bold red] {escape(str(e))}",
+                          highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")
@@ -363,7 +372,7 @@ def run_command(func: Callable[[argparse.Namespace], None], args: argparse.Names
     except Exception as e:
         if args.debug:
             raise
-        err_console.print(f"[bold red]error:[/bold red] {type(e).__name__}: {escape(str(e))}\n"
+        err_console.print(f"[bold red]error{launched_process()}:[/bold red] {type(e).__name__}: {escape(str(e))}\n"
                           "(run with --debug for the traceback)", highlight=False, soft_wrap=True)
         sys.exit(1)
 
