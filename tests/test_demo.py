@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from infuse.cli import main
-from infuse.demo import DemoSettings, generated_world, infuse_config, pretrain_config, sft_config
+from infuse.demo import DemoSettings, check_world_unchanged, generated_world, infuse_config, pretrain_config, sft_config
 from infuse.errors import InfuseError
 
 MODELS = ("base", "base+infused", "chat", "chat+infused")
@@ -97,6 +97,17 @@ def test_a_generated_world_is_reused_only_with_the_options_it_was_made_with(tmp_
     assert (world / "probes.jsonl").read_text() == probes
     with pytest.raises(InfuseError, match="seed 0, 8 families and vocabulary birds, not the one asked for"):
         generated_world(tmp_path / "world", seed=0, families=9, vocabulary="birds")
+
+
+def test_a_world_folder_edited_after_a_run_is_not_run_on_with_its_old_stages(tmp_path):
+    world = generated_world(tmp_path / "world", seed=0, families=8, vocabulary="birds")
+    check_world_unchanged(world, tmp_path / "out")
+    check_world_unchanged(world, tmp_path / "out")  # the same files: the stages are reused
+    page = sorted((world / "news").glob("*.html"))[0]
+    page.write_text(page.read_text().replace("</p>", " An added sentence.</p>", 1))
+    with pytest.raises(InfuseError, match=f"other contents of {world} \\(news/{page.name} changed"):
+        check_world_unchanged(world, tmp_path / "out")
+    check_world_unchanged(world, tmp_path / "another-out")
 
 
 def test_a_finished_stage_is_reused_only_with_the_settings_it_was_trained_with(demo, capsys):

@@ -13,6 +13,7 @@ so a rerun picks up where the last one stopped.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import threading
 import time
@@ -124,6 +125,7 @@ def run_demo(
     stages = Stages(console)
     with quiet_progress_bars():
         world_dir = stages.run("world", lambda: prepare_world(world, out / "world", seed, families, vocabulary))
+        check_world_unchanged(world_dir, out)
         settings = demo_settings(world_dir, quick)
         if train_seed is not None:
             settings = replace(settings, train_seed=train_seed)
@@ -197,6 +199,29 @@ def generated_world(target: Path, seed: int, families: int, vocabulary: str) -> 
             f"{made[2]}, not the one asked for. Give the demo another --output folder, or delete this one."
         )
     return target
+
+
+def check_world_unchanged(world_dir: Path, out: Path) -> None:
+    """Stop when the world's files changed since ``out`` was made from them: its finished stages
+    (tokenizer, models, ingested pages) would be reused, though made from the old files."""
+    record = out / "world_files.json"
+    found = world_digests(world_dir)
+    if not record.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(found, indent=1))
+        return
+    made = json.loads(record.read_text())
+    changed = sorted(name for name in made.keys() | found.keys() if made.get(name) != found.get(name))
+    if changed:
+        raise InfuseError(f"{out} was made from other contents of {world_dir} ({', '.join(changed)} changed, "
+                          "added or removed since). Give the demo another --output folder, or delete this one "
+                          "to make it again.")
+
+
+def world_digests(world_dir: Path) -> dict[str, str]:
+    files = [world_dir / name for name in (*WORLD_FILES, "world.json")] + sorted((world_dir / "news").glob("*.html"))
+    return {path.relative_to(world_dir).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in files if path.is_file()}
 
 
 def demo_settings(world_dir: Path, quick: bool) -> DemoSettings:
