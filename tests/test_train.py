@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from peft import PeftModel
+from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel
 from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
 
@@ -108,6 +108,24 @@ def test_adapter_infusion_lowers_corpus_loss_and_reloads_with_plain_peft(
         assert torch.equal(reloaded(input_ids=ids).logits, trained(input_ids=ids).logits)
     after = corpus_loss(reloaded, tokenizer, texts)
     assert after < before - 0.1, (before, after)
+
+
+def test_an_adapter_records_its_base_as_an_absolute_path(pretrained, tiny_llama_config_path, small_corpus,
+                                                         tmp_path, monkeypatch):
+    """Trained from relative paths, the adapter still loads from anywhere with plain peft."""
+    monkeypatch.chdir(tmp_path)
+    relative = os.path.relpath(pretrained["dir"], tmp_path)
+    for name, source in {"loaded": {"model_name_or_path": relative},
+                         "built": {"model_config": str(tiny_llama_config_path),
+                                   "tokenizer_name_or_path": relative}}.items():
+        run(config_from_dict({
+            **source, "dataset": [str(small_corpus)], "finetuning_type": "lora", "block_size": 64,
+            "output_dir": name, "max_steps": 1, "cache_dir": "cache", "report_to": "none",
+        }), quiet())
+    monkeypatch.chdir("/")
+    assert PeftConfig.from_pretrained(tmp_path / "loaded").base_model_name_or_path == str(pretrained["dir"].resolve())
+    assert PeftConfig.from_pretrained(tmp_path / "built").base_model_name_or_path == str(tmp_path / "built" / "base")
+    AutoPeftModelForCausalLM.from_pretrained(tmp_path / "built")
 
 
 class ReplayPicks(TrainerCallback):

@@ -202,7 +202,9 @@ def _load_for_training(folder: Path, config: TrainConfig) -> PreTrainedModel:
     if quantization is not None:
         # Quantized weights are made on the device they will train on; the Trainer cannot move them later.
         kwargs.update(quantization_config=quantization, device_map={"": _training_device()})
-    return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    # Absolute, as the model's name_or_path is what an adapter records as its base: a relative one
+    # would only load from the directory the run was started in.
+    return AutoModelForCausalLM.from_pretrained(folder.resolve(), **kwargs)
 
 
 def training_dtype(config: TrainConfig) -> torch.dtype:
