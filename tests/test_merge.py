@@ -14,12 +14,13 @@ from conftest import random_lora_adapter
 from peft import PeftModel
 from rich.console import Console
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GenerationConfig
 
 from infuse.cli import main
 from infuse.config import config_from_dict
 from infuse.errors import InfuseError
 from infuse.merge import merge
+from infuse.models import load_for_inference
 from infuse.train import run
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
@@ -112,6 +113,17 @@ def test_plain_lora_adapter_merges_to_the_same_logits(lora_adapter, tiny_llama_d
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), lora_adapter)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert torch.allclose(logits(merged, ids), logits(adapted.eval(), ids), atol=1e-5)
+
+
+def test_the_merged_model_and_base_plus_adapter_stop_where_the_adapter_learnt_to(
+        lora_adapter, tiny_llama_dir, tmp_path):
+    adapter = shutil.copytree(lora_adapter, tmp_path / "adapter")
+    GenerationConfig(eos_token_id=[2, 5]).save_pretrained(adapter)  # as an SFT run adds its <|im_end|>
+    assert AutoModelForCausalLM.from_pretrained(tiny_llama_dir).generation_config.eos_token_id != [2, 5]
+    merge(adapter, tmp_path / "merged", base=tiny_llama_dir, console=quiet())
+    assert GenerationConfig.from_pretrained(tmp_path / "merged").eos_token_id == [2, 5]
+    model, _ = load_for_inference(f"{tiny_llama_dir}+{adapter}", device="cpu")
+    assert model.generation_config.eos_token_id == [2, 5]
 
 
 def test_a_dora_adapter_merges_to_the_same_logits(tiny_llama_dir, tmp_path):

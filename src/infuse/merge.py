@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from infuse import __version__
 from infuse.errors import InfuseError
 from infuse.models import (
+    GENERATION_CONFIG,
     check_adapter_dir,
     check_model_dir,
     compute_dtype,
@@ -123,6 +124,8 @@ def merge(adapter: str | Path, output: str | Path, base: str | Path | None = Non
         merged = adapted_base(base_dir, adapter_dir, trained, device, into).merge_and_unload()
         merged.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        if (adapter_dir / GENERATION_CONFIG).is_file():  # an SFT run's: it stops at the template's end of turn
+            shutil.copy(adapter_dir / GENERATION_CONFIG, staging / GENERATION_CONFIG)
         del merged
         gc.collect()
         check = compare(logits_on(_reload(staging, device), prompts), expected, trained, described)

@@ -27,6 +27,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
+    GenerationConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+GENERATION_CONFIG = "generation_config.json"
 # Config fields that different architectures use for the longest sequence they were built for.
 CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
@@ -462,6 +464,9 @@ def load_for_inference(spec: str, dtype: torch.dtype | str | None = None, device
     if quantization is not None:
         kwargs["quantization_config"] = quantization
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    if adapter and (Path(adapter).expanduser() / GENERATION_CONFIG).is_file():
+        # An SFT run writes one next to its adapter, with the template's end of turn among its eos ids.
+        model.generation_config = GenerationConfig.from_pretrained(Path(adapter).expanduser())
     if adapter:
         with peft_quietly():
             model = PeftModel.from_pretrained(model, Path(adapter).expanduser())
