@@ -176,6 +176,16 @@ def test_text_rows_that_never_train_an_end_of_turn_are_fatal(capsys, tiny_llama_
     assert "problem: no sample trains the end-of-turn marker '<|im_end|>'" in out
 
 
+def test_data_of_which_every_row_is_skipped_says_why_each_went(capsys, tiny_llama_dir, tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([{"instruction": "Hi", "output": ""}, {"instruction": "Hi", "output": 5},
+                                {"instruction": "Hi", "output": "Yo", "history": "x"}]))
+    code, out = preflight(capsys, None, *sft_overrides(tiny_llama_dir, path, tmp_path / "out", "--bad_rows", "skip"))
+    assert code == 2 and "every row was skipped or dropped (alpaca 3)." in out
+    assert "e.g. " in out and "bad.json[0]: not a valid alpaca row: message 1 is an empty assistant turn" in out
+    assert "'history' should be a list of [question, answer] pairs, found str" in out  # brackets are not markup
+
+
 def test_a_tokenizer_that_changes_the_text_is_fatal(capsys, tiny_llama_dir, shared_data, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     tokenizer.backend_tokenizer.normalizer = normalizers.Lowercase()

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.text import Text
 
 from infuse.config import TrainConfig
@@ -84,9 +85,9 @@ def describe_tokenizer(tokenizer) -> str:
 def report(findings: Findings, console: Console) -> bool:
     """Print the warnings and problems; True when there is no problem."""
     for warning in findings.warnings:
-        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
     for problem in findings.problems:
-        console.print(f"[bold red]problem:[/bold red] {problem}", highlight=False)
+        console.print(f"[bold red]problem:[/bold red] {escape(problem)}", highlight=False)
     if findings.problems:
         console.print(f"[bold red]Preflight failed[/bold red]: {len(findings.problems)} problem(s) would "
                       "make this run useless; fix them before training.")

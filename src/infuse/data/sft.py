@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import DataCollatorWithFlattening
 
@@ -277,10 +278,16 @@ def build_sft_dataset(
     if too_long:
         raise InfuseError(_overlong_message(too_long, cutoff_len))
     if not columns["input_ids"]:
-        raise InfuseError("No SFT sample is left to train on: every row was skipped or dropped "
-                          "(see the counts above).")
+        raise InfuseError(nothing_left(stats.skipped + stats.dropped, stats.skipped_examples))
     stats.fingerprint = digest.hexdigest()[:16]
     return Dataset.from_dict(columns), stats
+
+
+def nothing_left(counts: Counter, examples: list[str]) -> str:
+    """The error for data of which no sample is left, with why each row went."""
+    reasons = f" ({_counts(counts)})" if counts else ""
+    shown = "".join(f"\n  e.g. {example}" for example in examples[:3])
+    return f"No SFT sample is left to train on: every row was skipped or dropped{reasons}.{shown}"
 
 
 def _tokenize_or_skip(conversation: Conversation, tokenizer, template: str, policy: BadRows, scope: LossScope):
@@ -492,6 +499,8 @@ class SFTSamples:
 def read_sft_samples(sources: list[str], config, tokenizer, template: str, console: Console) -> SFTSamples:
     """The conversations in ``sources`` as training samples, as the config says; reported to ``console``."""
     conversations, loaded = load_conversations(sources, config.dataset_format, config.bad_rows, config.placeholders)
+    if not conversations:
+        raise InfuseError(nothing_left(loaded.skipped, loaded.skipped_examples))
     dataset, stats = build_sft_dataset(conversations, tokenizer, template, config.cutoff_len, config.overlong,
                                        config.bad_rows, console, loss_scope(config))
     report_sft_data(loaded, stats, tokenizer, template, conversations, console)
@@ -529,7 +538,7 @@ def report_sft_data(loaded, stats: SFTStats, tokenizer, template: str, conversat
         if counts:
             console.print(f"[yellow]{label}: {sum(counts.values())} ({_counts(counts)}).")
     for example in (loaded.skipped_examples + stats.skipped_examples)[:3]:
-        console.print(f"[yellow]  e.g. {example}")
+        console.print(f"[yellow]  e.g. {escape(example)}")
     if stats.truncated:
         console.print(f"[yellow]Truncated to cutoff_len: {stats.truncated} samples.")
     if loaded.unfilled_placeholders:
