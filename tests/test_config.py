@@ -63,6 +63,20 @@ def test_replay_refuses_persistent_workers_that_would_keep_the_first_epochs_bloc
         config_from_dict({**replay, "dataloader_persistent_workers": True})
 
 
+def test_values_of_the_wrong_type_are_named_before_anything_uses_them():
+    with pytest.raises(InfuseError) as info:
+        config_from_dict({**MINIMAL, "learning_rate": "1e-3x", "num_train_epochs": "two", "bf16": "yes",
+                          "placeholders": "name=Infy", "replay_ratio": "most"})
+    message = str(info.value)
+    assert "5 problem(s)" in message
+    assert "learning_rate: expected a number, got '1e-3x'" in message
+    assert "num_train_epochs: expected a number, got 'two'" in message
+    assert "bf16: expected true or false, got 'yes'" in message
+    assert "placeholders: expected a mapping of names to values ({name: value}), got 'name=Infy'" in message
+    assert "replay_ratio: expected a number, got 'most'" in message
+    assert config_from_dict({**MINIMAL, "learning_rate": "2e-4", "max_steps": 3}).training["learning_rate"] == 2e-4
+
+
 def test_swa_start_is_a_share_of_the_run():
     assert config_from_dict({**MINIMAL, "swa_start": 0.75}).swa_start == 0.75
     for bad in (1, 1.5, -0.1, "half"):

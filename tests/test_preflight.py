@@ -176,6 +176,12 @@ def test_text_rows_that_never_train_an_end_of_turn_are_fatal(capsys, tiny_llama_
     assert "problem: no sample trains the end-of-turn marker '<|im_end|>'" in out
 
 
+def test_a_training_argument_the_trainer_refuses_is_fatal(capsys, tiny_llama_dir, shared_data, tmp_path):
+    code, out = preflight(capsys, None, *sft_overrides(tiny_llama_dir, shared_data / "alpaca_en_demo.json",
+                                                       tmp_path / "out", "--optim", "adamw_torchh"))
+    assert code == 2 and "problem: Invalid training arguments" in out and "adamw_torchh" in out
+
+
 def test_data_of_which_every_row_is_skipped_says_why_each_went(capsys, tiny_llama_dir, tmp_path):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps([{"instruction": "Hi", "output": ""}, {"instruction": "Hi", "output": 5},

@@ -270,6 +270,9 @@ def config_from_dict(values: dict[str, Any], origin: str = "config") -> TrainCon
     for key in ("dataset", "replay_dataset", "eval_dataset", "modules_to_save"):
         if isinstance(own.get(key), str):
             own[key] = [own[key]]
+    wrong_types = _type_errors(own, _own_field_types()) + _type_errors(training, _training_field_types())
+    if wrong_types:  # the checks below compare and combine values of the right types
+        _raise_config_errors(origin, errors + wrong_types)
     config = TrainConfig(**own, training=training)
     errors += _validate(config)
     if config.evaluates and "eval_strategy" not in values:
@@ -282,9 +285,13 @@ def config_from_dict(values: dict[str, Any], origin: str = "config") -> TrainCon
         # The count of evaluations without improvement is in each checkpoint; a resumed run reads it back.
         config.training.setdefault("restore_callback_states_from_checkpoint", True)
     if errors:
-        bullet = "\n  - "
-        raise InfuseError(f"{origin}: {len(errors)} problem(s) in the config:{bullet}{bullet.join(errors)}")
+        _raise_config_errors(origin, errors)
     return config
+
+
+def _raise_config_errors(origin: str, errors: list[str]) -> None:
+    bullet = "\n  - "
+    raise InfuseError(f"{origin}: {len(errors)} problem(s) in the config:{bullet}{bullet.join(errors)}")
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
@@ -332,6 +339,38 @@ def _as_number(key: str, value: Any, types: dict[str, str]) -> Any:
         return float(value)
     except ValueError:
         return value
+
+
+# Annotations whose values are checked before use: a value of another type fails only later, inside
+# the Trainer or the data pipeline, with a message that does not name the key.
+_EXPECTED_TYPES = {
+    "float": ((int, float), "a number"),
+    "int": ((int,), "an integer"),
+    "bool": ((bool,), "true or false"),
+    "list[str]": ((list,), "a list"),
+    "dict[str, str]": ((dict,), "a mapping of names to values ({name: value})"),
+}
+
+
+# Checked with their ranges by ``_validate``, whose messages say more.
+_RANGE_CHECKED = {"block_size", "cutoff_len", "lora_rank", "sentence_shuffles", "replay_sentence_shuffles",
+                  "sentence_turns", "swa_start"}
+
+
+def _type_errors(values: dict[str, Any], types: dict[str, str]) -> list[str]:
+    errors = []
+    for key, value in values.items():
+        if key in _RANGE_CHECKED:
+            continue
+        annotation = types.get(key, "").replace("<class '", "").replace("'>", "")
+        optional = annotation.endswith(" | None")
+        expected = _EXPECTED_TYPES.get(annotation.removesuffix(" | None"))
+        if expected is None or (value is None and optional):
+            continue
+        kinds, described = expected
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            errors.append(f"{key}: expected {described}{' or null' if optional else ''}, got {value!r}.")
+    return errors
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -391,10 +430,6 @@ def _validate(config: TrainConfig) -> list[str]:
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             errors.append(f"{name}: expected a number of copies (0 or more), got {value!r}.")
-    for switch in dataclasses.fields(TrainConfig):
-        value = getattr(config, switch.name)
-        if switch.type == "bool" and not isinstance(value, bool):  # a quoted 'false' would read as true
-            errors.append(f"{switch.name}: expected true or false, got {value!r}.")
     if not 0 <= config.replay_ratio < 1:
         errors.append(f"replay_ratio: expected a number in [0, 1), got {config.replay_ratio!r}.")
     if config.swa_start is not None and not (isinstance(config.swa_start, float | int) and 0 <= config.swa_start < 1):

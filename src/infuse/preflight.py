@@ -60,6 +60,7 @@ def preflight(config: TrainConfig, console: Console) -> bool:
     """Check and show the data, template and tokenizer of ``config``; True when training can go on."""
     findings = Findings()
     try:
+        config.training_arguments()  # the Trainer's own checks: an optimizer or schedule it does not know
         tokenizer = load_tokenizer(config)
         console.print(describe_tokenizer(tokenizer), highlight=False)
         model_config = check_model(config, tokenizer, console, findings)
