@@ -176,6 +176,25 @@ def test_text_rows_that_never_train_an_end_of_turn_are_fatal(capsys, tiny_llama_
     assert "problem: no sample trains the end-of-turn marker '<|im_end|>'" in out
 
 
+def test_a_tokenizer_with_tokens_the_model_has_no_embedding_for_stops_preflight_and_training(
+        capsys, tiny_llama_dir, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tokenizer.add_tokens(["<|emoji|>"])
+    tokenizer.save_pretrained(tmp_path / "grown")
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                             {"role": "assistant", "content": "Hello <|emoji|>"}]}) + "\n")
+    overrides = [*sft_overrides(tiny_llama_dir, data, tmp_path / "out"), "--tokenizer_name_or_path",
+                 str(tmp_path / "grown"), "--max_steps", "1"]
+    code, out = preflight(capsys, None, *overrides)
+    expected = f"the data holds token id {len(tokenizer) - 1}, but the model's vocabulary has 2048 entries"
+    assert code == 2 and expected in " ".join(out.split())
+    with pytest.raises(SystemExit):
+        main(["train", *overrides])
+    assert expected in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "out").exists()  # stopped before the model was loaded
+
+
 def test_a_training_argument_the_trainer_refuses_is_fatal(capsys, tiny_llama_dir, shared_data, tmp_path):
     code, out = preflight(capsys, None, *sft_overrides(tiny_llama_dir, shared_data / "alpaca_en_demo.json",
                                                        tmp_path / "out", "--optim", "adamw_torchh"))

@@ -343,6 +343,21 @@ def check_model_source(config: TrainConfig) -> tuple[Path, PretrainedConfig]:
     return source, model_config
 
 
+def model_source(config: TrainConfig) -> str:
+    return str(config.model_config or config.model_name_or_path)
+
+
+def check_vocabulary(model_config: PretrainedConfig, largest_id: int, source: str) -> None:
+    """Every token id of the data needs a row in the model's embeddings: a tokenizer with tokens the
+    model has none for fails inside the first forward pass. (A model built from ``model_config``
+    gets the tokenizer's vocabulary, see ``fit_to_tokenizer``.)"""
+    vocab = getattr(model_config, "vocab_size", None)
+    if vocab is not None and largest_id >= vocab:
+        raise InfuseError(f"the data holds token id {largest_id}, but the model's vocabulary has {vocab} entries "
+                          f"(vocab_size of {source}): the tokenizer has tokens the model has no embedding for. "
+                          "Use the tokenizer the model was trained with.")
+
+
 def check_context(model_config: PretrainedConfig, length: int, key: str = "block_size",
                   source: str | Path = "the model config") -> None:
     """Raise if ``length`` tokens do not fit the positions the model was built for."""

@@ -30,7 +30,14 @@ from rich.text import Text
 
 from infuse.config import TrainConfig
 from infuse.errors import InfuseError
-from infuse.models import check_model_source, context_limit, fit_to_tokenizer, load_tokenizer
+from infuse.models import (
+    check_model_source,
+    check_vocabulary,
+    context_limit,
+    fit_to_tokenizer,
+    load_tokenizer,
+    model_source,
+)
 
 SHOWN_SAMPLES = 3
 SHOWN_HEAD, SHOWN_TAIL = 500, 250  # characters of a long sample shown before and after the cut
@@ -68,7 +75,11 @@ def preflight(config: TrainConfig, console: Console) -> bool:
             prepared = preflight_pretrain(config, tokenizer, console, findings)
         else:
             prepared = preflight_sft(config, tokenizer, console, findings)
-        check_vocabulary(config, model_config, prepared.max_token_id, findings)
+        if model_config is not None:
+            try:
+                check_vocabulary(model_config, prepared.max_token_id, model_source(config))
+            except InfuseError as e:
+                findings.problems.append(str(e))
         console.print(describe_steps(config, prepared.rows), highlight=False)
         console.print(describe_output(config, prepared), highlight=False)
     except InfuseError as e:
@@ -122,19 +133,6 @@ def check_model(config: TrainConfig, tokenizer, console: Console, findings: Find
     return model_config
 
 
-def check_vocabulary(config: TrainConfig, model_config, max_token_id: int, findings: Findings) -> None:
-    """Every token id of the data must have an embedding in the model (one built from model_config
-    has the tokenizer's vocabulary, see ``check_model``)."""
-    vocab = getattr(model_config, "vocab_size", None)
-    if vocab is None or max_token_id < vocab:
-        return
-    findings.problems.append(
-        f"the data holds token id {max_token_id}, but the model's vocabulary has {vocab} entries (vocab_size "
-        f"in {config.model_name_or_path}/config.json): the tokenizer has tokens the model has no embedding "
-        "for. Use the tokenizer the model was trained with."
-    )
-
-
 def describe_steps(config: TrainConfig, samples: int) -> str:
     """How many optimizer steps the Trainer would take for ``samples`` rows (blocks or samples)."""
     training = config.training
@@ -183,6 +181,7 @@ def describe_output(config: TrainConfig, prepared: Prepared) -> str:
 def preflight_pretrain(config: TrainConfig, tokenizer, console: Console,
                        findings: Findings) -> Prepared:
     """Pack the documents as training would (reusing and filling its cache)."""
+    from infuse.data.pretrain import largest_token_id
     from infuse.train import build_pretrain_data
 
     data = build_pretrain_data(config, tokenizer, console)
@@ -201,13 +200,6 @@ def preflight_pretrain(config: TrainConfig, tokenizer, console: Console,
                     data.eval_fingerprint)
 
 
-def largest_token_id(*datasets) -> int:
-    """The largest token id of the training and evaluation data (None for data there is not)."""
-    from infuse.data.pretrain import max_token_id
-
-    return max(max_token_id(dataset) for dataset in datasets if dataset is not None)
-
-
 def show_text(title: str, text: str, console: Console) -> None:
     console.print(f"[bold]{title}[/bold]:")
     console.print(Text(clip(text)), highlight=False)
@@ -224,6 +216,7 @@ def clip(text: str, head: int = SHOWN_HEAD, tail: int = SHOWN_TAIL) -> str:
 
 def preflight_sft(config: TrainConfig, tokenizer, console: Console, findings: Findings) -> Prepared:
     """Tokenize the conversations as training would, show samples and check them."""
+    from infuse.data.pretrain import largest_token_id
     from infuse.data.sft import evaluation_samples, read_sft_samples
     from infuse.data.templates import apply_template, end_of_turn
 

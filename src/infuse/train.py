@@ -24,7 +24,14 @@ from infuse.averaging import WeightAveraging
 from infuse.config import TrainConfig
 from infuse.errors import InfuseError
 from infuse.logs import quiet_progress_bars
-from infuse.models import check_model_source, describe_model, load_model, load_tokenizer
+from infuse.models import (
+    check_model_source,
+    check_vocabulary,
+    describe_model,
+    load_model,
+    load_tokenizer,
+    model_source,
+)
 from infuse.progress import RichProgress
 from infuse.resume import (
     ResumePlan,
@@ -62,9 +69,13 @@ def run(config: TrainConfig, console: Console | None = None,
     # The first process tokenizes (into the cache), clears or picks the checkpoint and saves a new
     # base; the others start once it is done and find all of it in place.
     with args.main_process_first(desc="preparing the data and the base model"):
-        check_model_source(config)
+        _, model_config = check_model_source(config)
         tokenizer = load_tokenizer(config)
         data = build_data(config, tokenizer, console)
+        if not config.model_config:  # a model built from model_config gets the tokenizer's vocabulary
+            from infuse.data.pretrain import largest_token_id
+
+            check_vocabulary(model_config, largest_token_id(data.dataset, data.eval_dataset), model_source(config))
         fingerprint, plan, done = output_plan(config, data.fingerprint, data.eval_fingerprint, args.world_size,
                                               clear=config.overwrite_output_dir)
         config = materialize_base(config, tokenizer, output_dir, console)

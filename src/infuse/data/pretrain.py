@@ -679,6 +679,11 @@ class ReplayMix(torch.utils.data.Dataset):
         return self.replay[int(self.picked[index - len(self.dataset)])]
 
 
+def largest_token_id(*datasets: Dataset | ReplayMix | None) -> int:
+    """The largest token id of the training and evaluation data (None for data there is not)."""
+    return max(max_token_id(dataset) for dataset in datasets if dataset is not None)
+
+
 def max_token_id(dataset: Dataset | ReplayMix) -> int:
     """The largest token id in a dataset of input_ids (blocks or samples), read from its arrow column without
     a Python loop; a split of a dataset reads the whole table it shares."""
