@@ -123,6 +123,31 @@ BAD_ROWS = [
 ]
 
 
+def test_formats_are_detected_row_by_row(tmp_path):
+    path = write_jsonl(tmp_path / "mixed.jsonl", [GOOD_ROWS["messages"], GOOD_ROWS["instruction"],
+                                                  GOOD_ROWS["conversations"]])
+    conversations, stats = load_conversations([path])
+    assert [c.messages[-1]["content"] for c in conversations] == ["A", "A", "A"]
+    assert stats.formats == {str(path): "alpaca+messages+sharegpt"}
+
+
+def test_a_byte_order_mark_is_not_read_as_text(tmp_path):
+    for name, text in (("rows.jsonl", json.dumps(GOOD_ROWS["instruction"]) + "\n"),
+                       ("rows.json", json.dumps([GOOD_ROWS["instruction"]]))):
+        (tmp_path / name).write_text(text, encoding="utf-8-sig")
+        conversations, _ = load_conversations([tmp_path / name])
+        assert conversations[0].messages[0]["content"] == "Q"
+
+
+def test_a_line_that_is_not_json_is_a_bad_row_too(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(GOOD_ROWS["instruction"]) + '\n{"instruction": "Q", "output": "A"\n')
+    with pytest.raises(InfuseError, match=f"{path}:2: this line is not valid JSON .*bad_rows: skip"):
+        load_conversations([path])
+    conversations, stats = load_conversations([path], bad_rows="skip")
+    assert len(conversations) == 1 and stats.skipped == {"not_json": 1}
+
+
 @pytest.mark.parametrize(("row", "problem"), BAD_ROWS, ids=[problem for _, problem in BAD_ROWS])
 def test_a_bad_row_is_an_error_naming_file_and_line(tmp_path, row, problem):
     good = GOOD_ROWS[next(key for key in GOOD_ROWS if key in row)]

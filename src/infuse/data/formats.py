@@ -343,8 +343,8 @@ def load_conversations(
 ) -> tuple[list[Conversation], LoadStats]:
     """Read every row of ``sources`` as a Conversation (with ``where`` = file and row).
 
-    ``dataset_format`` is a registered format name, or ``auto`` to detect it per file from its
-    first row. Returns the conversations and the counts of what was read and skipped.
+    ``dataset_format`` is a registered format name, or ``auto`` to detect it row by row (a file
+    may mix formats). Returns the conversations and the counts of what was read and skipped.
     """
     if dataset_format != "auto" and dataset_format not in FORMATS:
         raise InfuseError(f"dataset_format: '{dataset_format}' is not one of auto, {', '.join(FORMATS)}.")
@@ -360,12 +360,17 @@ def load_conversations(
 
 
 def _read_file(path: Path, dataset_format: str, policy: BadRows, stats: LoadStats) -> Iterator[Conversation]:
-    format_name = None if dataset_format == "auto" else dataset_format
-    for row, where in read_records(path):
+    fixed = None if dataset_format == "auto" else dataset_format
+    found: set[str] = set()
+    format_name = None
+    for row, where in read_records(path, on_bad_line=lambda where, problem: policy.handle(where, problem, "not_json")):
         stats.rows += 1
+        # A row with the fields of no format is read as the row before it was, to say what it lacks.
+        format_name = fixed or detect_format(row) or format_name
         if format_name is None:
-            format_name = _detect_or_fail(row, where)
-            stats.formats[str(path)] = format_name
+            policy.handle(where, unknown_format(row), reason="unknown_format")
+            continue
+        found.add(format_name)
         try:
             conversation = parse_row(row, format_name)
         except BadRow as e:
@@ -373,17 +378,12 @@ def _read_file(path: Path, dataset_format: str, policy: BadRows, stats: LoadStat
             continue
         conversation.where = where
         yield conversation
-    if format_name and str(path) not in stats.formats:
-        stats.formats[str(path)] = format_name
+    if found or fixed:
+        stats.formats[str(path)] = "+".join(sorted(found)) or fixed
 
 
-def _detect_or_fail(row: dict, where: str) -> str:
-    name = detect_format(row)
-    if name is None:
-        fields = ", ".join(sorted(row)) or "none"
-        expected = "; ".join(f"{n}: {'/'.join(s)}" for n, s in SIGNATURES.items())
-        raise InfuseError(
-            f"{where}: cannot tell the data format from this row (fields found: {fields}). Expected the "
-            f"fields of one of ({expected}), or set `dataset_format:` to name the format."
-        )
-    return name
+def unknown_format(row: dict) -> str:
+    fields = ", ".join(sorted(row)) or "none"
+    expected = "; ".join(f"{n}: {'/'.join(s)}" for n, s in SIGNATURES.items())
+    return (f"cannot tell the data format from this row (fields found: {fields}). Expected the fields of one "
+            f"of ({expected}), or set `dataset_format:` to name the format.")

@@ -7,7 +7,7 @@ Every reader yields ``(row, where)`` pairs where ``where`` is ``"file:line"`` (J
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from infuse.errors import InfuseError
@@ -30,22 +30,24 @@ def is_record_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in RECORD_SUFFIXES
 
 
-def read_records(path: str | Path) -> Iterator[Row]:
-    """Yield every row of a ``.jsonl``, ``.json`` or ``.parquet`` file with its location."""
+def read_records(path: str | Path, on_bad_line: Callable[[str, str], None] | None = None) -> Iterator[Row]:
+    """Yield every row of a ``.jsonl``, ``.json`` or ``.parquet`` file with its location. A JSON Lines
+    line that is not a JSON object is an error, or, with ``on_bad_line``, passed to it as
+    ``(where, problem)`` and left out."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        yield from _read_jsonl(path)
+        yield from _read_jsonl(path, on_bad_line)
     elif suffix == ".json":
-        yield from _read_json(path)
+        yield from _read_json(path, on_bad_line)
     elif suffix == ".parquet":
         yield from _read_parquet(path)
     else:
         raise InfuseError(f"{path}: not a record file; expected one of {', '.join(RECORD_SUFFIXES)}.")
 
 
-def _read_jsonl(path: Path) -> Iterator[Row]:
-    with path.open(encoding="utf-8") as f:
+def _read_jsonl(path: Path, on_bad_line: Callable[[str, str], None] | None = None) -> Iterator[Row]:
+    with path.open(encoding="utf-8-sig") as f:  # -sig: a byte order mark some editors write is not text
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -53,21 +55,23 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise InfuseError(
-                    f"{where}: this line is not valid JSON ({e.msg} at column {e.colno}). "
-                    "Each line of a .jsonl file must be one JSON object; fix or remove the line."
-                ) from None
+                problem = (f"this line is not valid JSON ({e.msg} at column {e.colno} of {len(line.rstrip())}). "
+                           "Each line of a .jsonl file must be one JSON object.")
+                if on_bad_line is None:
+                    raise InfuseError(f"{where}: {problem} Fix or remove the line.") from None
+                on_bad_line(where, problem)
+                continue
             yield _as_object(row, where), where
 
 
-def _read_json(path: Path) -> Iterator[Row]:
-    text = path.read_text(encoding="utf-8")
+def _read_json(path: Path, on_bad_line: Callable[[str, str], None] | None = None) -> Iterator[Row]:
+    text = path.read_text(encoding="utf-8-sig")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         # A .json file holding JSON Lines is common enough to accept.
         if e.msg == "Extra data":
-            yield from _read_jsonl(path)
+            yield from _read_jsonl(path, on_bad_line)
             return
         raise InfuseError(
             f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}). "
