@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from infuse.tokenizer import train_tokenizer
 
@@ -72,4 +73,23 @@ def random_lora_adapter(base_dir: Path, out: Path, seed: int, spread: float, **l
             if "lora_B" in name:
                 param.normal_(0, spread)
     model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_without_chatml_tokens(tiny_llama_dir, shared_data, tmp_path_factory) -> Path:
+    """The tiny Llama with a tokenizer that, like Llama 2's, has no <|im_start|>/<|im_end|> and no spare
+    embedding rows: 2048 entries for the model's 2048."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train([str(shared_data / "wiki_demo.txt")], trainers.BpeTrainer(
+        vocab_size=2048, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>")
+    assert len(tokenizer) == AutoConfig.from_pretrained(tiny_llama_dir).vocab_size == 2048
+    out = tmp_path_factory.mktemp("no-chatml")
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir).save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return out

@@ -195,6 +195,17 @@ def test_a_tokenizer_with_tokens_the_model_has_no_embedding_for_stops_preflight_
     assert not (tmp_path / "out").exists()  # stopped before the model was loaded
 
 
+def test_template_markers_the_tokenizer_lacks_become_tokens_where_the_run_can_train_them(
+        capsys, model_without_chatml_tokens, shared_data, tmp_path):
+    data = shared_data / "alpaca_en_demo.json"
+    code, out = preflight(capsys, None, *sft_overrides(model_without_chatml_tokens, data, tmp_path / "full",
+                                                       "--finetuning_type", "full"))
+    assert code == 0 and "Added <|im_start|>, <|im_end|> to the tokenizer as special tokens (2,050 tokens now)" in out
+    code, out = preflight(capsys, None, *sft_overrides(model_without_chatml_tokens, data, tmp_path / "lora",
+                                                       "--finetuning_type", "lora"))
+    assert "Added" not in out and "a lora adapter cannot add tokens" in " ".join(out.split())
+
+
 def test_a_training_argument_the_trainer_refuses_is_fatal(capsys, tiny_llama_dir, shared_data, tmp_path):
     code, out = preflight(capsys, None, *sft_overrides(tiny_llama_dir, shared_data / "alpaca_en_demo.json",
                                                        tmp_path / "out", "--optim", "adamw_torchh"))

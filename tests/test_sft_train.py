@@ -42,27 +42,37 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("tokenizer_has_chatml", [True, False], ids=["chatml-tokens", "no-chatml-tokens"])
 def test_a_tiny_chat_model_answers_held_in_questions_and_stops_at_end_of_turn(
-    tiny_llama_dir, tmp_path, one_thread
+    tokenizer_has_chatml, request, tmp_path, one_thread
 ):
+    """Without the template's markers in the tokenizer, the run adds them as tokens and grows the
+    embeddings, so the answers still end on one token that generation stops on."""
+    model_dir = request.getfixturevalue("tiny_llama_dir" if tokenizer_has_chatml else "model_without_chatml_tokens")
     data = tmp_path / "qa.jsonl"
     rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
             for q, a in QA.items()]
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = tmp_path / "chat"
     config = config_from_dict({
-        "stage": "sft", "model_name_or_path": str(tiny_llama_dir), "dataset": [str(data)],
+        "stage": "sft", "model_name_or_path": str(model_dir), "dataset": [str(data)],
         "template": "chatml", "finetuning_type": "full", "cutoff_len": 128, "output_dir": str(out),
         "max_steps": STEPS,
         "per_device_train_batch_size": 8, "learning_rate": 3e-3, "lr_scheduler_type": "constant",
         "warmup_steps": 0, "logging_steps": 50, "save_steps": 1000, "report_to": "none", "seed": 0,
     })
-    run(config, Console(file=io.StringIO()))
+    printed = io.StringIO()
+    run(config, Console(file=printed, width=200))
 
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert im_end in model.generation_config.eos_token_id
+    if not tokenizer_has_chatml:
+        log = printed.getvalue()
+        assert "Added <|im_start|>, <|im_end|> to the tokenizer as special tokens (2,050 tokens now)" in log
+        assert "embeddings grew from 2,048 to 2,050 rows" in log
+        assert len(tokenizer) == model.get_input_embeddings().num_embeddings == 2050 and im_end == 2049
     for question, answer in QA.items():
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}],
                                                add_generation_prompt=True, return_tensors="pt")

@@ -125,6 +125,8 @@ def load_model(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> PreTr
     else:
         folder, _ = check_model_source(config)
         model = _load_for_training(folder, config)
+        if grows_with_tokenizer(config) and len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tokenizer))  # new rows drawn around the old ones' mean
     if config.finetuning_type == "qlora":
         from peft import prepare_model_for_kbit_training
 
@@ -341,6 +343,13 @@ def check_model_source(config: TrainConfig) -> tuple[Path, PretrainedConfig]:
     model_config = auto_config(source, config.trust_remote_code)
     check_context(model_config, _sequence_length(config), _length_key(config), source)
     return source, model_config
+
+
+def grows_with_tokenizer(config: TrainConfig) -> bool:
+    """Whether the trained model takes the tokenizer's vocabulary, tokens added to it included: a model
+    built from model_config, or one trained with full weights (its new embedding rows are trained).
+    An adapter cannot give the base new rows."""
+    return bool(config.model_config) or config.finetuning_type == "full"
 
 
 def model_source(config: TrainConfig) -> str:

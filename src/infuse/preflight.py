@@ -35,6 +35,7 @@ from infuse.models import (
     check_vocabulary,
     context_limit,
     fit_to_tokenizer,
+    grows_with_tokenizer,
     load_tokenizer,
     model_source,
 )
@@ -75,7 +76,7 @@ def preflight(config: TrainConfig, console: Console) -> bool:
             prepared = preflight_pretrain(config, tokenizer, console, findings)
         else:
             prepared = preflight_sft(config, tokenizer, console, findings)
-        if model_config is not None:
+        if model_config is not None and not grows_with_tokenizer(config):
             try:
                 check_vocabulary(model_config, prepared.max_token_id, model_source(config))
             except InfuseError as e:
@@ -217,10 +218,10 @@ def clip(text: str, head: int = SHOWN_HEAD, tail: int = SHOWN_TAIL) -> str:
 def preflight_sft(config: TrainConfig, tokenizer, console: Console, findings: Findings) -> Prepared:
     """Tokenize the conversations as training would, show samples and check them."""
     from infuse.data.pretrain import largest_token_id
-    from infuse.data.sft import evaluation_samples, read_sft_samples
-    from infuse.data.templates import apply_template, end_of_turn
+    from infuse.data.sft import evaluation_samples, prepare_template, read_sft_samples
+    from infuse.data.templates import end_of_turn
 
-    template = apply_template(tokenizer, config.template)
+    template = prepare_template(config, tokenizer, console)
     packing = "on" if config.packing else "off"
     console.print(f"Template: {config.template}; end of turn {end_of_turn(tokenizer, template)!r}; cutoff_len "
                   f"{config.cutoff_len} (overlong: {config.overlong}); packing {packing}.", highlight=False)

@@ -28,6 +28,7 @@ from infuse.models import (
     check_model_source,
     check_vocabulary,
     describe_model,
+    grows_with_tokenizer,
     load_model,
     load_tokenizer,
     model_source,
@@ -72,7 +73,7 @@ def run(config: TrainConfig, console: Console | None = None,
         _, model_config = check_model_source(config)
         tokenizer = load_tokenizer(config)
         data = build_data(config, tokenizer, console)
-        if not config.model_config:  # a model built from model_config gets the tokenizer's vocabulary
+        if not grows_with_tokenizer(config):
             from infuse.data.pretrain import largest_token_id
 
             check_vocabulary(model_config, largest_token_id(data.dataset, data.eval_dataset), model_source(config))
@@ -86,6 +87,10 @@ def run(config: TrainConfig, console: Console | None = None,
     announce(plan, config, console)
 
     model = load_model(config, tokenizer)
+    rows = model.get_input_embeddings().num_embeddings
+    if not config.model_config and rows > model_config.vocab_size:
+        console.print(f"The model's embeddings grew from {model_config.vocab_size:,} to {rows:,} rows for the "
+                      "tokenizer's tokens; the new rows are trained.", highlight=False)
     describe_model(model, console)
     if config.stage == "sft":  # attention per packed sample, logits only where trained: same loss, less work
         from infuse.packing import attention_calls, prepare_sft_batches

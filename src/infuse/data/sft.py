@@ -40,7 +40,7 @@ from transformers import DataCollatorWithFlattening
 from infuse.config import OVERLONG_POLICIES
 from infuse.data.evaluation import eval_counts, hold_out
 from infuse.data.formats import BadRow, BadRows, Conversation, LoadStats, load_conversations
-from infuse.data.templates import TOOLS_INTRO, apply_template, end_of_turn, is_single_token, render
+from infuse.data.templates import TOOLS_INTRO, apply_template, end_of_turn, missing_markers, render
 from infuse.errors import InfuseError
 
 IGNORE_INDEX = -100
@@ -471,7 +471,7 @@ def build_sft_data(config, tokenizer, console: Console | None = None):
     from infuse.train import TrainData
 
     console = console or Console()
-    template = apply_template(tokenizer, config.template)
+    template = prepare_template(config, tokenizer, console)
     samples = read_sft_samples(config.dataset, config, tokenizer, template, console)
     summary = {"train": {**samples.counts(), "template": config.template, "packing": config.packing}}
     dataset, evaluation, eval_summary, eval_fingerprint = evaluation_samples(samples.dataset, config, tokenizer,
@@ -480,6 +480,30 @@ def build_sft_data(config, tokenizer, console: Console | None = None):
         summary["eval"] = eval_summary
     return TrainData(dataset, make_collator(tokenizer, config.packing), summary, samples.stats.fingerprint,
                      evaluation, eval_fingerprint)
+
+
+def prepare_template(config, tokenizer, console: Console) -> str:
+    """Set the config's template on ``tokenizer`` and return it. Turn markers it writes that the
+    tokenizer lacks (chatml on a Llama 2 tokenizer) are added as special tokens where the run trains
+    the embeddings (full weights, or a model built from model_config): as one token the end of turn
+    can be an eos id that generation stops on, where as text it is several tokens no stop rule sees.
+    An adapter cannot train new rows of the base's embeddings; there the markers stay text."""
+    template = apply_template(tokenizer, config.template)
+    missing = missing_markers(tokenizer, config.template, template)
+    if not missing:
+        return template
+    names = ", ".join(missing)
+    if config.finetuning_type == "full" or config.model_config:
+        tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+        console.print(f"Added {names} to the tokenizer as special tokens ({len(tokenizer):,} tokens now): the "
+                      f"template writes them, and the model's embeddings grow to learn them.", highlight=False)
+    else:
+        console.print(f"[yellow]{escape(names)}, written by the template, {'is' if len(missing) == 1 else 'are'} "
+                      f"not one token of this tokenizer, and a {config.finetuning_type} adapter cannot add "
+                      "tokens: the model learns to end its answers with several tokens, which generation "
+                      "does not stop on. Use a template whose end of turn the tokenizer has (llama2 ends "
+                      "answers with eos), or finetuning_type: full, which adds them as tokens.", highlight=False)
+    return template
 
 
 @dataclass
@@ -544,9 +568,6 @@ def report_sft_data(loaded, stats: SFTStats, tokenizer, template: str, conversat
     if loaded.unfilled_placeholders:
         console.print(f"[yellow]Placeholders left unfilled: {_counts(loaded.unfilled_placeholders)}; "
                       "give their values with `placeholders: {name: value}`.")
-    if not is_single_token(tokenizer, stats.end_of_turn):
-        console.print(f"[yellow]The end-of-turn marker {stats.end_of_turn!r} is not one token of this "
-                      "tokenizer; generation must stop on it as text.")
     if any(c.text and INST_CLOSE in c.text for c in conversations) and INST_CLOSE not in template:
         console.print("[yellow]The data is written in [INST] form but the template is not; set "
                       "`template: llama2` so prompts at inference look like the training data.")

@@ -154,6 +154,17 @@ def end_of_turn(tokenizer, template: str) -> str:
     return marker
 
 
+# The markers a built-in template writes around every turn, beyond its end of turn.
+TURN_MARKERS = {"chatml": ("<|im_start|>", "<|im_end|>")}
+
+
+def missing_markers(tokenizer, name: str, template: str) -> list[str]:
+    """The turn markers of ``template`` (template ``name``) that are not one token of ``tokenizer``:
+    its end of turn, and for a built-in template every marker it writes."""
+    markers = dict.fromkeys([*TURN_MARKERS.get(name, ()), end_of_turn(tokenizer, template)])
+    return [marker for marker in markers if not is_single_token(tokenizer, marker)]
+
+
 def is_single_token(tokenizer, text: str) -> bool:
     """Whether ``text`` is one token of ``tokenizer`` (generation can stop on its id)."""
     return len(tokenizer(text, add_special_tokens=False)["input_ids"]) == 1
