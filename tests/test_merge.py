@@ -32,7 +32,8 @@ def quiet() -> Console:
 
 @pytest.fixture(scope="module")
 def qlora_run(tmp_path_factory, tiny_llama_dir, shared_data) -> Path:
-    """A QLoRA (4-bit nf4) run of a few steps on twenty c4 pages: adapter + infuse_run.json."""
+    """A QLoRA (4-bit nf4) run of a few steps on twenty c4 pages: adapter + infuse_run.json, and the
+    same adapter in checkpoint-4."""
     rows = (shared_data / "c4_demo.jsonl").read_text().splitlines()[:20]
     out = tmp_path_factory.mktemp("qlora")
     (out / "corpus.jsonl").write_text("\n".join(rows) + "\n")
@@ -40,7 +41,7 @@ def qlora_run(tmp_path_factory, tiny_llama_dir, shared_data) -> Path:
         "model_name_or_path": str(tiny_llama_dir), "dataset": [str(out / "corpus.jsonl")],
         "finetuning_type": "qlora", "lora_rank": 8, "lora_alpha": 16, "block_size": 64,
         "output_dir": str(out / "run"), "max_steps": 4, "per_device_train_batch_size": 4,
-        "learning_rate": 1e-2, "save_steps": 1000, "cache_dir": str(out / "cache"), "report_to": "none",
+        "learning_rate": 1e-2, "save_steps": 4, "cache_dir": str(out / "cache"), "report_to": "none",
     }), quiet())
     return out / "run"
 
@@ -77,6 +78,21 @@ def test_qlora_adapter_merges_passes_the_check_and_loads_with_plain_transformers
     assert (merged.argmax(-1) == trained.argmax(-1)).float().mean() >= 0.9
     # The adapter really changed the model, and the merge kept that change.
     assert (trained - base).abs().max().item() > 10 * drift
+
+
+def test_a_qlora_checkpoint_merges_as_trained_from_any_directory(qlora_run, tiny_llama_dir, tmp_path, monkeypatch):
+    run = shutil.copytree(qlora_run, tmp_path / "run")
+    manifest = json.loads((run / "infuse_run.json").read_text())
+    manifest["config"]["model_name_or_path"] = "models/tiny-llama"  # as typed, relative to where it ran
+    (run / "infuse_run.json").write_text(json.dumps(manifest))
+    monkeypatch.chdir(tmp_path)
+    for adapter in (run, run / "checkpoint-4"):
+        out = tmp_path / f"merged-{adapter.name}"
+        check = merge(adapter, out, console=quiet())
+        record = json.loads((out / "infuse_merge.json").read_text())
+        assert check.passed and record["trained_as"].startswith("4-bit nf4"), record
+        assert record["base"] == str(tiny_llama_dir)
+    assert record["trained_as_source"].endswith("checkpoint-4/infuse_seal.json")
 
 
 def test_merging_into_the_original_weights_is_refused_as_degraded(qlora_run, tmp_path, capsys):

@@ -39,6 +39,7 @@ from infuse.models import (
     load_for_inference,
     peft_quietly,
 )
+from infuse.resume import SEAL_FILE
 from infuse.train import MANIFEST
 
 SAMPLE_PROMPTS = (
@@ -146,27 +147,25 @@ def merge(adapter: str | Path, output: str | Path, base: str | Path | None = Non
 
 
 def base_of(adapter_dir: Path) -> str:
-    """The base a run recorded (infuse_run.json), else the one adapter_config.json names."""
-    manifest = _manifest(adapter_dir)
-    if manifest and manifest["config"].get("model_name_or_path"):
-        return manifest["config"]["model_name_or_path"]
+    """The base adapter_config.json names (an absolute path where infuse trained it), else the one
+    its run recorded."""
     recorded = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if not recorded:
+    settings, _ = _run_settings(adapter_dir)
+    candidates = [path for path in (recorded, (settings or {}).get("model_name_or_path")) if path]
+    if not candidates:
         raise InfuseError(f"{adapter_dir}: no --base given and the adapter records no base model. "
                           "Pass --base PATH, the model the adapter was trained on.")
-    return recorded
+    return next((path for path in candidates if Path(path).expanduser().is_dir()), candidates[0])
 
 
 def trained_as(adapter_dir: Path, base_dir: Path) -> TrainedAs:
     """Read the quantization and compute dtype of training from the run's infuse_run.json; a base
     saved already quantized (its config.json has a quantization_config) is loaded as it is."""
-    manifest = _manifest(adapter_dir)
-    if manifest is None:
+    config, source = _run_settings(adapter_dir)
+    if config is None:
         if "quantization_config" in json.loads((base_dir / "config.json").read_text()):
             return TrainedAs(None, "auto", f"{base_dir}/config.json (a quantized checkpoint)")
-        return TrainedAs(None, "auto", "no infuse_run.json: taken as plain LoRA")
-    config = manifest["config"]
-    source = str(adapter_dir / MANIFEST)
+        return TrainedAs(None, "auto", f"no {MANIFEST} or {SEAL_FILE}: taken as plain LoRA")
     if config.get("finetuning_type") != "qlora":
         return TrainedAs(None, "auto", source)
     dtype = compute_dtype(config)
@@ -179,9 +178,15 @@ def trained_as(adapter_dir: Path, base_dir: Path) -> TrainedAs:
     return TrainedAs(quantization, dtype, source)
 
 
-def _manifest(adapter_dir: Path) -> dict[str, Any] | None:
-    path = adapter_dir / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
+def _run_settings(adapter_dir: Path) -> tuple[dict[str, Any] | None, str]:
+    """The settings of the run that trained ``adapter_dir`` and where they were read: its
+    infuse_run.json, or for a checkpoint the seal it was written with."""
+    for name, settings_of in ((MANIFEST, lambda record: record["config"]),
+                              (SEAL_FILE, lambda record: record["fingerprint"]["settings"])):
+        path = adapter_dir / name
+        if path.is_file():
+            return settings_of(json.loads(path.read_text())), str(path)
+    return None, ""
 
 
 # ---------------------------------------------------------------- merging
