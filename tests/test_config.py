@@ -75,6 +75,8 @@ def test_values_of_the_wrong_type_are_named_before_anything_uses_them():
     assert "placeholders: expected a mapping of names to values ({name: value}), got 'name=Infy'" in message
     assert "replay_ratio: expected a number, got 'most'" in message
     assert config_from_dict({**MINIMAL, "learning_rate": "2e-4", "max_steps": 3}).training["learning_rate"] == 2e-4
+    with pytest.raises(InfuseError, match="per_device_train_batch_size: expected a positive integer, got 0"):
+        config_from_dict({**MINIMAL, "per_device_train_batch_size": 0})
 
 
 def test_swa_start_is_a_share_of_the_run():

@@ -430,6 +430,9 @@ def _validate(config: TrainConfig) -> list[str]:
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             errors.append(f"{name}: expected a number of copies (0 or more), got {value!r}.")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if name in config.training and config.training[name] < 1:
+            errors.append(f"{name}: expected a positive integer, got {config.training[name]!r}.")
     if not 0 <= config.replay_ratio < 1:
         errors.append(f"replay_ratio: expected a number in [0, 1), got {config.replay_ratio!r}.")
     if config.swa_start is not None and not (isinstance(config.swa_start, float | int) and 0 <= config.swa_start < 1):
