@@ -288,13 +288,24 @@ def test_invalid_requests_get_a_readable_422_or_413(http, body, message):
 def test_openai_validation_errors_use_the_openai_shape(client):
     import openai
 
-    with pytest.raises(openai.UnprocessableEntityError) as caught:
+    with pytest.raises(openai.BadRequestError) as caught:  # a 400 invalid_request_error, as OpenAI and vLLM answer
         client.chat.completions.create(model="base", messages=[], max_tokens=3)
     assert "messages: List should have at least 1 item" in caught.value.message
+    assert caught.value.body["type"] == "invalid_request_error"
+
+
+def test_huggingface_hub_inference_client_generates_and_streams_through_the_root_route(server):
+    from huggingface_hub import InferenceClient
+
+    hub = InferenceClient(model=server.url, token=KEY)
+    text = hub.text_generation("The history of the city", max_new_tokens=6)
+    streamed = list(hub.text_generation("The history of the city", max_new_tokens=6, stream=True))
+    assert text and "".join(streamed) == text
 
 
 def test_a_full_queue_answers_503_with_retry_after(tiny_llama_dir):
     with start_server({"base": str(tiny_llama_dir)}, max_batch_size=1, max_queue=0) as handle:
+        assert httpx.get(f"{handle.url}/info").json()["max_input_tokens"] == 511  # the context of 512, not 4096
         body = {"inputs": "The", "parameters": {"max_new_tokens": 300}}
         with ThreadPoolExecutor(6) as pool:
             replies = list(pool.map(lambda _: httpx.post(f"{handle.url}/generate", json=body, timeout=60),

@@ -22,7 +22,7 @@ from infuse.serve.service import ApiError, Service
 # Reachable without the API key: a liveness probe and the API description.
 OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 # Endpoints counted by name in /metrics; anything else is counted as "other".
-ROUTES = frozenset({"/generate", "/generate_stream", "/invocations", "/info", "/health", "/metrics",
+ROUTES = frozenset({"/", "/generate", "/generate_stream", "/invocations", "/info", "/health", "/metrics",
                     "/v1/models", "/v1/completions", "/v1/chat/completions"})
 
 
@@ -58,7 +58,7 @@ async def info(request: Request) -> dict:
     return {"model_id": default.name, "models": {m.name: {"base": m.base, "adapter": m.adapter_path,
                                                           "context_length": m.context_length}
                                                  for m in service.registry.models.values()},
-            "max_input_tokens": service.options.max_input_tokens,
+            "max_input_tokens": service.input_limit(default),
             "max_new_tokens": service.options.max_new_tokens, "version": __version__, "router": "infuse"}
 
 
@@ -73,11 +73,15 @@ async def prometheus(request: Request) -> PlainTextResponse:
 
 def error_response(path: str, status: int, message: str, kind: str,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    """OpenAI's error shape under /v1, TGI's elsewhere."""
+    """OpenAI's error shape under /v1, TGI's elsewhere. A request the server cannot take as it is
+    is a 400 invalid_request_error in OpenAI's API (what its clients raise BadRequestError for) and
+    a 422 validation error in TGI's."""
+    invalid = kind in ("validation", "invalid_request_error")
     if path.startswith("/v1/"):
+        status, kind = (400, "invalid_request_error") if invalid and status == 422 else (status, kind)
         body: dict = {"error": {"message": message, "type": kind, "param": None, "code": status}}
     else:
-        body = {"error": message, "error_type": kind}
+        body = {"error": message, "error_type": "validation" if invalid else kind}
     return JSONResponse(body, status_code=status, headers=headers)
 
 

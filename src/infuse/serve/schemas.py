@@ -36,6 +36,13 @@ class GenerateRequest(Lenient):
     model: str | None = None
 
 
+class CompatRequest(GenerateRequest):
+    """TGI's ``POST /`` (what ``huggingface_hub.InferenceClient`` sends): /generate, or
+    /generate_stream when ``stream`` is true."""
+
+    stream: bool = False
+
+
 class InvocationsRequest(GenerateRequest):
     """``POST /invocations``: the same body; ``inputs`` may also be a list of prompts."""
 

@@ -105,11 +105,15 @@ class Service:
             ids = served.encode_chat(messages) if messages is not None else served.encode(prompt)
         except InfuseError as e:
             raise ApiError(422, str(e)) from None
-        limit = min(self.options.max_input_tokens, (served.context_length or 10**9) - 1)
+        limit = self.input_limit(served)
         if len(ids) > limit:
             raise ApiError(422, f"The prompt is {len(ids)} tokens; {served.name} takes at most {limit} "
                                 "(max_input_tokens and the model's context). Shorten it.")
         return ids
+
+    def input_limit(self, served: ServedModel) -> int:
+        """The longest prompt ``served`` takes: max_input_tokens, within the model's context."""
+        return min(self.options.max_input_tokens, (served.context_length or 10**9) - 1)
 
     def sampling(self, served: ServedModel, prompt_ids: list[int], max_new_tokens: int | None,
                  **fields) -> Sampling:

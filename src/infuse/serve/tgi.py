@@ -1,5 +1,6 @@
-"""The Text Generation Inference protocol: ``/generate``, ``/generate_stream`` and the hosted
-endpoints' ``/invocations``, so the seed's payloads and TGI clients work unchanged."""
+"""The Text Generation Inference protocol: ``/generate``, ``/generate_stream``, ``/`` (either, as
+``stream`` says) and the hosted endpoints' ``/invocations``, so the seed's payloads and TGI clients
+work unchanged."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from fastapi.responses import StreamingResponse
 
 from infuse.serve.engine import Event
 from infuse.serve.registry import ServedModel
-from infuse.serve.schemas import GenerateParameters, GenerateRequest, InvocationsRequest
+from infuse.serve.schemas import CompatRequest, GenerateParameters, GenerateRequest, InvocationsRequest
 from infuse.serve.service import Generation, Result, Service, sse
 
 router = APIRouter(tags=["TGI"])
@@ -61,6 +62,12 @@ async def generate(body: GenerateRequest, request: Request) -> dict:
     served, ids, sampling = _prepare(service, body, body.inputs)
     result = await service.run(request, service.start(served, ids, sampling))
     return answer(body.inputs, body.parameters, result, served)
+
+
+@router.post("/", response_model=None)
+async def compat(body: CompatRequest, request: Request) -> dict | StreamingResponse:
+    """TGI's root route: ``/generate_stream`` when ``stream`` is true, else ``/generate``."""
+    return await (generate_stream if body.stream else generate)(body, request)
 
 
 @router.post("/invocations")
