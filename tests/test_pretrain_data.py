@@ -161,6 +161,21 @@ def test_empty_documents_are_skipped_counted_and_reported(tmp_path, tokenizer):
     assert "Empty documents skipped: 2" in out.getvalue()
 
 
+def test_a_txt_file_of_wrapped_prose_is_reported_as_such(tmp_path, shared_data, tokenizer):
+    """A document a line is right for wiki_demo.txt (an article a line), not for prose wrapped at 80
+    columns, where every line would become a document ending in eos."""
+    import textwrap
+
+    article = (shared_data / "wiki_demo.txt").read_text().split("\n")[0]
+    wrapped = tmp_path / "wrapped.txt"
+    wrapped.write_text(textwrap.fill(article, 80) + "\n")
+    console, out = capture()
+    _, stats = build_pretrain_dataset([wrapped, shared_data / "wiki_demo.txt"], tokenizer, 64, cache_dir=None,
+                                      console=console)
+    assert stats.hard_wrapped_files == [str(wrapped)]
+    assert f"{wrapped} reads like text wrapped at a fixed width" in " ".join(out.getvalue().split())
+
+
 def test_blocks_batch_with_the_default_collator(small_corpus, tokenizer):
     dataset, _ = build_pretrain_dataset([small_corpus], tokenizer, 64, cache_dir=None, console=capture()[0])
     batch = default_data_collator([dataset[i] for i in range(len(dataset) - 2, len(dataset))])

@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import torch
 from datasets import Dataset, Features, List, Value, load_from_disk
 from rich.console import Console
+from rich.markup import escape
 from transformers import default_data_collator
 
 from infuse.data.formats import BadRow, detect_format, parse_row
@@ -71,6 +72,8 @@ class PackStats:
     """Words whose documents were left out (``replay_skip_subjects``)."""
     documents_skipped_for_subjects: int = 0
     sources: list[str] = field(default_factory=list)
+    hard_wrapped_files: list[str] = field(default_factory=list)
+    """``.txt`` files that read like prose wrapped at a fixed width (see ``looks_hard_wrapped``)."""
     fingerprint: str = ""
     """The data fingerprint (see ``data_fingerprint``); empty when packed without one."""
 
@@ -160,6 +163,17 @@ def _texts_of(path: Path, text_field: str, tokenizer=None) -> list[str]:
     # Like the datasets `text` loader: a document a line, without its line break; blank lines
     # separate documents and are not documents themselves.
     return [line for line in text.split("\n") if line.strip()]
+
+
+def looks_hard_wrapped(path: Path, min_lines: int = 10) -> bool:
+    """Whether a ``.txt`` file reads like prose broken into lines of a fixed width: short lines (nine
+    in ten of at most 100 characters), most of them ending mid-sentence."""
+    lines = [line.rstrip() for line in _read_text(path).split("\n") if line.strip()]
+    if len(lines) < min_lines:
+        return False
+    lengths = sorted(len(line) for line in lines)
+    mid_sentence = sum(not line.endswith((*SENTENCE_MARKS, '"', "'", ")", ":")) for line in lines)
+    return lengths[len(lengths) * 9 // 10 - 1] <= 100 and mid_sentence > len(lines) / 2
 
 
 def _row_text(row: dict, where: str, text_field: str, tokenizer) -> str:
@@ -512,6 +526,8 @@ def build_pretrain_dataset(
         stats.openers_moved = moved
         stats.skipped_subjects = subjects
         stats.documents_skipped_for_subjects = len(texts) - len(kept)
+        stats.hard_wrapped_files = [str(path) for path in source_files(sources)
+                                    if path.suffix.lower() in LINE_SUFFIXES and looks_hard_wrapped(path)]
         stats.fingerprint = fingerprint
         if cached is not None:
             save_packed(dataset, stats, cached)
@@ -559,6 +575,11 @@ def report_pack_stats(stats: PackStats, console: Console, label: str = "Pretrain
         console.print(f"Left out {stats.documents_skipped_for_subjects:,} documents that name a subject of the "
                       f"new documents ({', '.join(stats.skipped_subjects)}): replay_skip_subjects.",
                       highlight=False)
+    for path in stats.hard_wrapped_files:
+        console.print(f"[yellow]{escape(path)} reads like text wrapped at a fixed width, but each line of a .txt "
+                      "file is a document of its own, ended with eos (and with isolate_documents, attention "
+                      "stops there). Put each paragraph on one line, or turn the file into one document with "
+                      f"`infuse ingest {escape(path)} --output docs.jsonl`.", highlight=False)
     if stats.empty_documents_skipped:
         skipped = stats.empty_documents_skipped
         console.print(f"[yellow]Empty documents skipped: {skipped:,} (no text in them).", highlight=False)
