@@ -73,8 +73,8 @@ import infuse.packing
 import infuse.train
 from infuse.config import config_from_dict
 from infuse.data.formats import load_conversations
-from infuse.data.sft import IGNORE_INDEX, PaddedCollator, build_sft_dataset, messages_for
-from infuse.data.templates import apply_template, render
+from infuse.data.sft import IGNORE_INDEX, PaddedCollator, build_sft_dataset
+from infuse.data.templates import apply_template, chat_inputs, render
 from infuse.tokenizer import train_tokenizer
 
 MODEL = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
@@ -178,7 +178,8 @@ def run_infuse(args, model_dir: Path, train_file: Path, output_dir: Path,
 def seed_texts(conversations, tokenizer, template: str) -> list[str]:
     """Each conversation as one text in the template, as the seed's `text` rows are; it ends with the
     end-of-turn marker, which SFTTrainer is told is eos (so it adds none)."""
-    return [render(tokenizer, template, messages_for(c, template)).removesuffix("\n") for c in conversations]
+    return [render(tokenizer, template, *chat_inputs(c.messages, c.tools, template)).removesuffix("\n")
+            for c in conversations]
 
 
 def run_seed(args, model_dir: Path, train, tokenizer, template: str, output_dir: Path):

@@ -49,9 +49,17 @@ def test_glaive_toolcall_demo_maps_roles_and_tools(shared_data):
     for row, conversation in zip(rows, conversations, strict=True):
         turns = row["conversations"]
         assert [m["role"] for m in conversation.messages] == [mapping[t["from"]] for t in turns]
-        assert [m["content"] for m in conversation.messages] == [t["value"] for t in turns]
-        assert conversation.tools == (json.loads(row["tools"]) or None if row["tools"] else None)
+        for turn, message in zip(turns, conversation.messages, strict=True):
+            if turn["from"] == "function_call":  # the call, its arguments an object, in OpenAI's shape
+                written = json.loads(turn["value"])
+                assert message["content"] == "" and message["tool_calls"] == [
+                    {"type": "function", "function": {"name": written["name"], "arguments": written["arguments"]}}]
+            else:
+                assert message["content"] == turn["value"]
+        described = json.loads(row["tools"]) if row["tools"] else []
+        assert conversation.tools == ([{"type": "function", "function": tool} for tool in described] or None)
     assert sum(bool(c.tools) for c in conversations) == sum(row["tools"] not in ("", "[]") for row in rows)
+    assert sum(bool(m.get("tool_calls")) for c in conversations for m in c.messages) > 100
 
 
 def test_messages_text_and_sharegpt_variants(tmp_path):
@@ -78,14 +86,21 @@ def test_alpaca_system_and_history_come_before_the_question(tmp_path):
         ("system", "S"), ("user", "Q1"), ("assistant", "A1"), ("user", "Q2"), ("assistant", "A2")]
 
 
-def test_openai_tool_calls_become_the_assistant_content(tmp_path):
+def test_openai_and_sharegpt_tool_calls_take_one_shape(tmp_path):
     call = {"type": "function", "function": {"name": "f", "arguments": "{\"x\": 1}"}}
-    path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [
+    messages = write_jsonl(tmp_path / "m.jsonl", [{"messages": [
         {"role": "user", "content": "Q"}, {"role": "assistant", "content": None, "tool_calls": [call]},
-        {"role": "tool", "content": "3"}, {"role": "assistant", "content": "It is 3."}]}])
-    (conversation,), _ = load_conversations([path])
-    assert json.loads(conversation.messages[1]["content"]) == [call["function"]]
-    assert conversation.messages[2]["role"] == "tool"
+        {"role": "tool", "content": "3"}, {"role": "assistant", "content": "It is 3."}],
+        "tools": [{"type": "function", "function": {"name": "f"}}]}])
+    sharegpt = write_jsonl(tmp_path / "s.jsonl", [{"conversations": [
+        {"from": "human", "value": "Q"}, {"from": "function_call", "value": '{"name": "f", "arguments": {"x": 1}}'},
+        {"from": "observation", "value": "3"}, {"from": "gpt", "value": "It is 3."}], "tools": '[{"name": "f"}]'}])
+    (from_messages, from_sharegpt), _ = load_conversations([messages, sharegpt])
+    assert from_messages.messages == from_sharegpt.messages and from_messages.tools == from_sharegpt.tools
+    assert from_messages.messages[1] == {"role": "assistant", "content": "",
+                                         "tool_calls": [{"type": "function", "function": {"name": "f",
+                                                                                          "arguments": {"x": 1}}}]}
+    assert from_messages.messages[2]["role"] == "tool"
 
 
 def test_folders_are_searched_and_the_format_can_be_named(tmp_path):
@@ -120,6 +135,11 @@ BAD_ROWS = [
     ({"messages": [{"role": "user", "content": "Q"}, {"role": "system", "content": "S"},
                    {"role": "assistant", "content": "A"}]}, "system message may only come first"),
     ({"messages": []}, "no messages"),
+    ({"conversations": [{"from": "human", "value": "Q"}, {"from": "function_call", "value": "call f"}]},
+     "a function_call turn is not valid JSON"),
+    ({"messages": [{"role": "user", "content": "Q"},
+                   {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{x"}}]}]},
+     "the arguments of f is not valid JSON"),
 ]
 
 

@@ -80,7 +80,7 @@ def test_sft_preflight_on_alpaca_shows_samples_and_counts(capsys, tiny_llama_dir
     assert f"Truncated samples: {longer}; dropped samples: 0; skipped rows: 0." in out
     assert f"End of turn '<|im_end|>' trained in {999 - longer:,} of 999 samples." in out
     assert f"warning: {longer} sample(s) do not train the end-of-turn marker" in out
-    assert "Round trip text → tokens → text: 999 of 999 samples come back unchanged." in out
+    assert "Round trip text → tokens → text: 999 of 999 conversations come back unchanged." in out
     assert "A packed batch of 4 samples keeps" in out
 
     # Three samples are shown; without colours the trained text is written between ⟦ and ⟧.
@@ -231,7 +231,7 @@ def test_a_tokenizer_that_changes_the_text_is_fatal(capsys, tiny_llama_dir, shar
     overrides = sft_overrides(tiny_llama_dir, identity, tmp_path / "out", *lowercase)
     code, out = preflight(capsys, None, *overrides)
     assert code == 2
-    unchanged = number(r"Round trip text → tokens → text: (\d+) of 91 samples come back unchanged", out)
+    unchanged = number(r"Round trip text → tokens → text: (\d+) of 91 conversations come back unchanged", out)
     assert unchanged < 91 and f"{91 - unchanged} sample(s) do not survive tokenize → decode, e.g." in out
     assert "problem:" in out and "The tokenizer changes the text" in out
 

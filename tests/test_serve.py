@@ -20,8 +20,11 @@ from openai import OpenAI
 from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from infuse.data.formats import chat_request
+from infuse.data.templates import chat_inputs, render
 from infuse.errors import InfuseError
 from infuse.serve import ServeOptions, start_server
+from infuse.serve.openai_api import tool_calls_in
 from infuse.serve.registry import check_safetensors, end_of_turn_ids, parse_model_specs
 from infuse.serve.vllm import run_vllm, vllm_command
 
@@ -292,6 +295,35 @@ def test_openai_validation_errors_use_the_openai_shape(client):
         client.chat.completions.create(model="base", messages=[], max_tokens=3)
     assert "messages: List should have at least 1 item" in caught.value.message
     assert caught.value.body["type"] == "invalid_request_error"
+
+
+def test_tools_reach_the_prompt_as_sft_training_wrote_them(client, tokenizer):
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    call = {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{\"day\": \"today\"}"}}
+    messages = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    reply = client.chat.completions.create(model="base", messages=messages, tools=tools, max_tokens=2)
+    conversation = chat_request(messages, tools)
+    trained_as = render(tokenizer, tokenizer.chat_template, *chat_inputs(conversation.messages, conversation.tools,
+                                                                         tokenizer.chat_template),
+                        add_generation_prompt=True)
+    assert "You may call these functions" in trained_as  # this template has no place for tools: the system turn
+    assert '{"name": "weather", "arguments": {"day": "today"}}<|im_end|>' in trained_as
+    assert reply.usage.prompt_tokens == len(tokenizer(trained_as, add_special_tokens=False).input_ids)
+
+
+@pytest.mark.parametrize("text, words, calls", [
+    ('{"name": "f", "arguments": {"x": 1}}', "", [("f", '{"x": 1}')]),
+    ('Checking.\n[{"name": "f", "arguments": {}}, {"name": "g", "arguments": "{}"}]', "Checking.",
+     [("f", "{}"), ("g", "{}")]),
+    ('<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>', "", [("f", '{"x": 1}')]),
+    ("It is sunny today.", "It is sunny today.", None),
+    ('{"temperature": 20}', '{"temperature": 20}', None),
+])
+def test_an_answer_that_calls_a_tool_comes_back_as_tool_calls(text, words, calls):
+    found_words, found = tool_calls_in(text)
+    assert found_words == words
+    assert ([(c["function"]["name"], c["function"]["arguments"]) for c in found] if found else None) == calls
 
 
 def test_huggingface_hub_inference_client_generates_and_streams_through_the_root_route(server):

@@ -27,7 +27,7 @@ from infuse.data.sft import (
     render_sample,
     tokenize_conversation,
 )
-from infuse.data.templates import apply_template, render, resolve_template
+from infuse.data.templates import apply_template, chat_inputs, render, resolve_template
 from infuse.errors import InfuseError
 
 # A Llama-3-style template of the kind a tokenizer ships: headers and <|eot_id|> are special tokens.
@@ -106,14 +106,13 @@ def test_exactly_the_answers_and_their_end_of_turn_are_trained(chat_tokenizer, s
     with_tools = 0
     for conversation in sample_conversations:
         input_ids, labels = tokenize_conversation(conversation, chat_tokenizer, template)
-        tools = conversation.tools if "tools" in template else None
-        if not tools and conversation.tools:  # the template ignores tools: they go into the system turn
+        # Tool calls as text where the template has no place for them; tools it ignores go into the system turn.
+        messages, tools = chat_inputs(conversation.messages, conversation.tools, template)
+        assert chat_tokenizer.decode(input_ids) == render(chat_tokenizer, template, messages, tools)
+        if not tools and conversation.tools:
             assert "You may call these functions" in chat_tokenizer.decode(input_ids)
             with_tools += 1
-        else:
-            rendered = render(chat_tokenizer, template, conversation.messages, tools)
-            assert chat_tokenizer.decode(input_ids) == rendered
-        answers = [m["content"] for m in conversation.messages if m["role"] == "assistant"]
+        answers = [m["content"] for m in messages if m["role"] == "assistant"]
         assert trained_runs(input_ids, labels, chat_tokenizer) == [EXPECTED[name](a) for a in answers], \
             conversation.where
     folded = 0 if name in ("chatml", "llama2") else sum(bool(c.tools) for c in sample_conversations)

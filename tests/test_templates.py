@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from transformers import AutoTokenizer
 
-from infuse.data.templates import apply_template, end_of_turn, render, resolve_template
+from infuse.data.templates import apply_template, chat_inputs, end_of_turn, render, resolve_template
 from infuse.errors import InfuseError
 
 CONVERSATION = [
@@ -38,7 +40,23 @@ def test_llama2_folds_tool_results_and_descriptions_into_user_and_system_turns(t
     text = render(tokenizer, resolve_template(tokenizer, "llama2"), CONVERSATION, TOOLS)
     assert "<s>[INST] Function result: sunny [/INST] Sunny. </s>" in text
     assert text.startswith("<s>[INST] <<SYS>>\nBe brief.\n\nYou may call these functions.")
-    assert '[{"name": "weather", "description": "Today\'s weather", "parameters": {}}]\n<</SYS>>' in text
+    assert '\n{"name": "weather", "description": "Today\'s weather", "parameters": {}}\n<</SYS>>' in text
+
+
+def test_tool_calls_are_text_only_for_templates_without_a_place_for_them(tokenizer):
+    call = {"type": "function", "function": {"name": "weather", "arguments": {"day": "today"}}}
+    messages = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    tools = [{"type": "function", "function": TOOLS[0]}]
+    written, rendered_tools = chat_inputs(messages, tools, resolve_template(tokenizer, "chatml"))
+    assert written[1] == {"role": "assistant", "content": '{"name": "weather", "arguments": {"day": "today"}}'}
+    assert rendered_tools == tools  # chatml writes them into its system turn itself
+    native = "{% for m in messages %}{{ m.tool_calls | tojson }}{% endfor %}{{ tools | tojson }}"
+    assert chat_inputs(messages, tools, native) == (messages, tools)  # e.g. Qwen2.5's: <tool_call> tags
+    plain = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    folded, none = chat_inputs(messages, tools, plain)
+    assert none is None and folded[0]["role"] == "system" and "You may call these functions" in folded[0]["content"]
+    two = [{"role": "assistant", "content": "Checking.", "tool_calls": [call, call]}]
+    assert chat_inputs(two, None, plain)[0][0]["content"] == "Checking.\n" + json.dumps([call["function"]] * 2)
 
 
 def test_llama2_refuses_turns_that_do_not_alternate(tokenizer):

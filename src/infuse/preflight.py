@@ -324,17 +324,15 @@ def contains(sequence: list, part: list) -> bool:
 def check_round_trip(conversations, tokenizer, template: str, console: Console, findings: Findings) -> None:
     """decode(tokenize(render(messages))) must give back render(messages): otherwise the model is
     trained on other text than the template writes, and what it generates decodes differently."""
-    from infuse.data.sft import messages_for, uses_tools
-    from infuse.data.templates import render
+    from infuse.data.templates import chat_inputs, render
 
     checked, broken = 0, []
     for conversation in conversations:
         if conversation.text is not None:
             text = conversation.text
         else:
-            tools = conversation.tools if uses_tools(template) else None
             try:
-                text = render(tokenizer, template, messages_for(conversation, template), tools)
+                text = render(tokenizer, template, *chat_inputs(conversation.messages, conversation.tools, template))
             except InfuseError:
                 continue  # a row the template refuses is a bad row, counted above
         decoded = tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"],
@@ -342,7 +340,7 @@ def check_round_trip(conversations, tokenizer, template: str, console: Console, 
         checked += 1
         if decoded != text:
             broken.append((conversation.where, text, decoded))
-    console.print(f"Round trip text → tokens → text: {checked - len(broken):,} of {checked:,} samples "
+    console.print(f"Round trip text → tokens → text: {checked - len(broken):,} of {checked:,} conversations "
                   "come back unchanged.", highlight=False)
     if broken:
         where, text, decoded = broken[0]

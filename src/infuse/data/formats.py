@@ -10,10 +10,12 @@ Each format is a small function registered by name that turns one row into a ``C
 - ``messages``: OpenAI chat rows, ``{"role": ..., "content": ...}``; optional ``tools``.
 - ``text``: text already written in a template (``<s>[INST] q [/INST] a </s>``), kept as it is.
 
-Roles become ``system``, ``user``, ``assistant`` or ``tool``. A ``function_call`` turn is an
-assistant turn whose content is the call (so the model learns to make it); an ``observation``
-is a ``tool`` turn. A row that cannot be read is a ``bad row``: an error naming the file and row,
-or (``bad_rows: skip``) skipped and counted.
+Roles become ``system``, ``user``, ``assistant`` or ``tool``. A function call, a sharegpt
+``function_call`` turn or an OpenAI assistant turn's ``tool_calls``, becomes the assistant's
+``tool_calls`` in OpenAI's shape, its arguments an object; an ``observation`` is a ``tool`` turn.
+Tool descriptions take OpenAI's shape too (``{"type": "function", "function": {...}}``). A row
+that cannot be read is a ``bad row``: an error naming the file and row, or (``bad_rows: skip``)
+skipped and counted.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class Conversation:
     ``text`` is set (and ``messages`` empty) for rows already written in a template.
     """
 
-    messages: list[dict[str, str]] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
     tools: list[dict[str, Any]] | None = None
     text: str | None = None
     where: str = ""
@@ -143,6 +145,16 @@ def from_messages(row: dict) -> Conversation:
     return Conversation(messages, tools=_tools(row))
 
 
+def chat_request(messages: list[dict], tools: Any = None) -> Conversation:
+    """A chat request's messages (OpenAI's shape) and tools as the training data reads them, so the
+    prompt is written as training wrote it; the request has no answer yet, so none is required."""
+    try:
+        turns = [_message(turn, index, "role", "content") for index, turn in enumerate(messages)]
+        return Conversation(turns, tools=_tools({"tools": tools}))
+    except BadRow as e:
+        raise InfuseError(f"messages: {e}") from None
+
+
 @register_format("sharegpt", "conversations")
 def from_sharegpt(row: dict) -> Conversation:
     turns = _list_field(row, "conversations")
@@ -188,7 +200,7 @@ def check_messages(messages: list[dict[str, str]]) -> None:
     for index, message in enumerate(messages):
         if message["role"] == "system" and index > 0:
             raise BadRow(f"message {index} is a system message; a system message may only come first.")
-        if message["role"] == "assistant" and not message["content"].strip():
+        if message["role"] == "assistant" and not (message["content"].strip() or message.get("tool_calls")):
             raise BadRow(f"message {index} is an empty assistant turn; there is nothing to train on in it.")
     if not any(message["role"] == "assistant" for message in messages):
         raise BadRow("the conversation has no assistant turn, so no token of it would be trained.")
@@ -203,8 +215,41 @@ def _message(turn: Any, index: int, role_key: str, content_key: str) -> dict[str
     if not isinstance(role, str) or role.lower() not in ROLE_NAMES:
         known = ", ".join(sorted(ROLE_NAMES))
         raise BadRow(f"message {index} has unknown role {role!r} ('{role_key}'); known roles: {known}.")
+    if turn.get("tool_calls"):  # OpenAI: the calls, and the words said with them if any
+        calls = turn["tool_calls"]
+        if not isinstance(calls, list):
+            raise BadRow(f"message {index}: 'tool_calls' should be a list, found {type(calls).__name__}.")
+        content = _content(turn, index, content_key) if turn.get(content_key) is not None else ""
+        return {"role": "assistant", "content": content, "tool_calls": [_tool_call(call, index) for call in calls]}
     content = _content(turn, index, content_key)
+    if role.lower() == "function_call":  # sharegpt: the value is the call (or a list of calls) as JSON
+        written = _json_value(content, f"message {index}: a function_call turn")
+        calls = written if isinstance(written, list) else [written]
+        return {"role": "assistant", "content": "", "tool_calls": [_tool_call(call, index) for call in calls]}
     return {"role": ROLE_NAMES[role.lower()], "content": content}
+
+
+def _tool_call(call: Any, index: int) -> dict[str, Any]:
+    """One call as OpenAI writes it, ``{"type": "function", "function": {"name", "arguments"}}``, with
+    the arguments as an object (chat templates write them with ``tojson``), from that shape or the
+    bare ``{"name", "arguments"}``."""
+    function = call.get("function", call) if isinstance(call, dict) else None
+    if not (isinstance(function, dict) and isinstance(function.get("name"), str)):
+        raise BadRow(f"message {index}: a tool call should be an object with a 'name' (and 'arguments'), "
+                     f"found {json.dumps(call, ensure_ascii=False)[:80]}.")
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):
+        arguments = _json_value(arguments, f"message {index}: the arguments of {function['name']}") if arguments else {}
+    if not isinstance(arguments, dict):
+        raise BadRow(f"message {index}: the arguments of {function['name']} should be an object.")
+    return {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+
+
+def _json_value(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadRow(f"{what} is not valid JSON ({e.msg}).") from None
 
 
 def _keys_of(turn: dict, index: int, role_key: str, content_key: str) -> tuple[str, str]:
@@ -218,9 +263,6 @@ def _keys_of(turn: dict, index: int, role_key: str, content_key: str) -> tuple[s
 
 def _content(turn: dict, index: int, key: str) -> str:
     content = turn.get(key)
-    if content is None and turn.get("tool_calls"):
-        # An OpenAI assistant turn that only calls tools: the calls are what it says.
-        return json.dumps([call.get("function", call) for call in turn["tool_calls"]], ensure_ascii=False)
     if isinstance(content, list):  # OpenAI content parts: keep the text ones, refuse the rest
         if all(isinstance(part, dict) and part.get("type") == "text" for part in content):
             return "".join(str(part.get("text", "")) for part in content)
@@ -254,7 +296,8 @@ def _tools(row: dict) -> list[dict[str, Any]] | None:
             raise BadRow(f"'tools' is a string but not valid JSON ({e.msg}).") from None
     if not (isinstance(tools, list) and all(isinstance(tool, dict) for tool in tools)):
         raise BadRow("'tools' should be a list of function descriptions (objects).")
-    return tools or None
+    return [tool if tool.get("type") == "function" and "function" in tool else {"type": "function", "function": tool}
+            for tool in tools] or None
 
 
 def _list_field(row: dict, key: str) -> list:

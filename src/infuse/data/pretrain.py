@@ -36,7 +36,7 @@ from transformers import default_data_collator
 
 from infuse.data.formats import BadRow, detect_format, parse_row
 from infuse.data.records import RECORD_SUFFIXES, missing_source, read_records, text_of
-from infuse.data.templates import render, resolve_template
+from infuse.data.templates import chat_inputs, render, resolve_template
 from infuse.errors import InfuseError
 
 IGNORE_INDEX = -100
@@ -188,7 +188,8 @@ def _row_text(row: dict, where: str, text_field: str, tokenizer) -> str:
         raise InfuseError(f"{where}: {e}") from None
     if conversation.text is not None:
         return Conversation(conversation.text)
-    return Conversation(render(tokenizer, resolve_template(tokenizer), conversation.messages, conversation.tools))
+    template = resolve_template(tokenizer)
+    return Conversation(render(tokenizer, template, *chat_inputs(conversation.messages, conversation.tools, template)))
 
 
 class Conversation(str):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +39,7 @@ from transformers import DataCollatorWithFlattening
 from infuse.config import OVERLONG_POLICIES
 from infuse.data.evaluation import eval_counts, hold_out
 from infuse.data.formats import BadRow, BadRows, Conversation, LoadStats, load_conversations
-from infuse.data.templates import TOOLS_INTRO, apply_template, end_of_turn, missing_markers, render
+from infuse.data.templates import apply_template, chat_inputs, end_of_turn, missing_markers, render
 from infuse.errors import InfuseError
 
 IGNORE_INDEX = -100
@@ -123,8 +122,7 @@ def trained_spans(conversation: Conversation, tokenizer, template: str) -> tuple
     """The text to tokenize and the character spans of it that are trained."""
     if conversation.text is not None:
         return conversation.text, text_spans(conversation.text, tokenizer.eos_token, tokenizer.bos_token)
-    messages = messages_for(conversation, template)
-    tools = conversation.tools if uses_tools(template) else None
+    messages, tools = chat_inputs(conversation.messages, conversation.tools, template)
     full = _render(tokenizer, template, messages, tools)
     spans = []
     for i, message in enumerate(messages):
@@ -173,26 +171,6 @@ def _render(tokenizer, template: str, messages: list[dict], tools,
         return render(tokenizer, template, messages, tools, add_generation_prompt)
     except InfuseError as e:
         raise BadRow(str(e)) from None
-
-
-def uses_tools(template: str) -> bool:
-    """Whether ``template`` renders the ``tools`` it is given (if not, they go into the system turn)."""
-    return "tools" in template
-
-
-def messages_for(conversation: Conversation, template: str) -> list[dict[str, str]]:
-    """The conversation's messages, with tool descriptions written into the system turn when the
-    template would otherwise drop them: a model cannot learn to call functions it was not shown."""
-    messages = [dict(message) for message in conversation.messages]
-    if not conversation.tools or uses_tools(template):
-        return messages
-    tools = [json.dumps(tool, ensure_ascii=False) for tool in conversation.tools]
-    described = "\n".join([TOOLS_INTRO, *tools])
-    if messages[0]["role"] == "system":
-        messages[0]["content"] = f"{messages[0]['content']}\n\n{described}"
-    else:
-        messages.insert(0, {"role": "system", "content": described})
-    return messages
 
 
 def text_spans(text: str, eos: str | None, bos: str | None = None) -> list[Span]:

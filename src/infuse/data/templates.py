@@ -15,8 +15,10 @@ Built-ins, for tokenizers without a template of their own:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from infuse.errors import InfuseError
 
@@ -64,7 +66,7 @@ def llama2() -> str:
         "{%- else -%}{%- set system = '' -%}{%- set turns = messages -%}{%- endif -%}"
         "{%- if tools -%}"
         "{%- set system = (system + '\n\n' if system else '') + '" + TOOLS_INTRO + "\n'"
-        " + (tools | tojson) -%}"
+        " + (tools | map('tojson') | join('\n')) -%}"
         "{%- endif -%}"
         "{%- for message in turns -%}"
         "{%- if (message['role'] == 'assistant') != (loop.index0 % 2 == 1) -%}"
@@ -83,6 +85,34 @@ def llama2() -> str:
         "{%- endif -%}"
         "{%- endfor -%}"
     )
+
+
+def chat_inputs(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                template: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """What to give ``template`` for a conversation, in training and in serving alike: the messages,
+    with tool calls written out as text where the template has no place for ``tool_calls``, and
+    the tool descriptions written into the system turn where it does not render ``tools`` (a model
+    cannot learn to call functions it was not shown); and the tools for the template to render."""
+    if "tool_calls" not in template:
+        messages = [calls_as_text(message) for message in messages]
+    if not tools or "tools" in template:
+        return [dict(message) for message in messages], tools or None
+    described = "\n".join([TOOLS_INTRO, *(json.dumps(tool, ensure_ascii=False) for tool in tools)])
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "content": f"{messages[0]['content']}\n\n{described}"}, *messages[1:]], None
+    return [{"role": "system", "content": described}, *messages], None
+
+
+def calls_as_text(message: dict[str, Any]) -> dict[str, Any]:
+    """An assistant turn's ``tool_calls`` as the text TOOLS_INTRO asks for: ``{"name": ..., "arguments":
+    {...}}`` for one call, a list of them for several, after any words said with them."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return dict(message)
+    written = [{"name": call["function"]["name"], "arguments": call["function"]["arguments"]} for call in calls]
+    text = json.dumps(written[0] if len(written) == 1 else written, ensure_ascii=False)
+    words = message.get("content") or ""
+    return {"role": message["role"], "content": f"{words}\n{text}" if words.strip() else text}
 
 
 def resolve_template(tokenizer, name: str = "auto") -> str:

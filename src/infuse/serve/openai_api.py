@@ -4,6 +4,8 @@ as server-sent events when asked, so the official ``openai`` client talks to inf
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -61,9 +63,9 @@ async def chat_completions(body: ChatRequest, request: Request) -> dict | Stream
     """Answer a conversation, formatted with the model's own chat template."""
     service: Service = request.app.state.service
     served = service.model(body.model)
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in body.messages]
-    ids = service.encode(served, messages=messages)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
+                 **({"tool_calls": m.tool_calls} if m.tool_calls else {})} for m in body.messages]
+    ids = service.encode(served, messages=messages, tools=body.tools)
     sampling = service.sampling(served, ids, body.max_completion_tokens or body.max_tokens,
                                 temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                                 stop=stop_list(body.stop))
@@ -79,9 +81,43 @@ async def chat_completions(body: ChatRequest, request: Request) -> dict | Stream
                                         "logprobs": None, "finish_reason": None}]},
             usage_chunk=chunk if usage else None)
     result = await service.run(request, generation)
-    return head | {"choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                                "logprobs": None, "finish_reason": FINISH_REASONS[result.finish_reason]}],
+    message, finish = {"role": "assistant", "content": result.text}, FINISH_REASONS[result.finish_reason]
+    words, calls = tool_calls_in(result.text) if body.tools else (result.text, None)
+    if calls:
+        message, finish = {"role": "assistant", "content": words or None, "tool_calls": calls}, "tool_calls"
+    return head | {"choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
                    "usage": _usage([result])}
+
+
+TAGGED_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+
+def tool_calls_in(text: str) -> tuple[str, list[dict] | None]:
+    """(words, calls) of an answer to a request with tools: the calls as OpenAI returns them, from the
+    JSON that infuse's tool prompt asks for (``{"name", "arguments"}`` or a list of them, after any
+    words), or from ``<tool_call>`` tags (Qwen's and Hermes' templates); (text, None) if it makes none."""
+    tagged = TAGGED_CALL.findall(text)
+    if tagged:
+        words, written = TAGGED_CALL.sub("", text).strip(), tagged
+    else:
+        start = next((m.start() for m in re.finditer(r"(?m)^\s*[\[{]", text)), None)
+        if start is None:
+            return text, None
+        words, written = text[:start].strip(), [text[start:]]
+    calls = []
+    for part in written:
+        try:
+            value = json.loads(part)
+        except json.JSONDecodeError:
+            return text, None
+        for call in value if isinstance(value, list) else [value]:
+            if not (isinstance(call, dict) and isinstance(call.get("name"), str)):
+                return text, None
+            arguments = call.get("arguments", {})
+            arguments = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+            calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                          "function": {"name": call["name"], "arguments": arguments}})
+    return words, calls or None
 
 
 def _head(prefix: str, kind: str, served: ServedModel) -> dict:

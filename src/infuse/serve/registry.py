@@ -53,13 +53,20 @@ class ServedModel:
         """Token ids of a completion prompt, special tokens added as the tokenizer does by default."""
         return list(self.tokenizer(text).input_ids)
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of a conversation in the model's chat template, ready for the assistant's turn."""
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of a conversation in the model's chat template, ready for the assistant's turn.
+        Tool calls and tools are written as SFT training wrote them (``chat_inputs``)."""
+        from infuse.data.formats import chat_request
+        from infuse.data.templates import chat_inputs, resolve_template
+
         if not self.has_chat_template:
             raise InfuseError(f"Model {self.name} has no chat template (its tokenizer_config.json sets no "
                               "chat_template), so it cannot take chat messages: send a plain prompt instead.")
+        conversation = chat_request(messages, tools)
+        messages, tools = chat_inputs(conversation.messages, conversation.tools, resolve_template(self.tokenizer))
         try:
-            encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            encoded = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
+                                                         tokenize=True)
         except Exception as e:  # the template's own checks (role order, allowed roles) raise jinja errors
             raise InfuseError(f"{self.name}'s chat template rejects these messages: {e}") from None
         return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)

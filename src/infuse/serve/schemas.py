@@ -4,7 +4,7 @@ ignored, so existing clients work unchanged."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -72,6 +72,7 @@ class TextPart(Lenient):
 class ChatMessage(Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -97,6 +98,8 @@ class ChatRequest(Lenient):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
+    tools: list[dict[str, Any]] | None = Field(None, description="written into the prompt as SFT training "
+                                               "wrote them; a reply that is a call comes back as tool_calls")
 
 
 def stop_list(stop: str | list[str] | None) -> list[str]:

@@ -98,11 +98,11 @@ class Service:
                                 f"{', '.join(self.registry.models)}.", "model_not_found")
         return served
 
-    def encode(self, served: ServedModel, prompt: str | None = None,
-               messages: list[dict] | None = None) -> list[int]:
+    def encode(self, served: ServedModel, prompt: str | None = None, messages: list[dict] | None = None,
+               tools: list[dict] | None = None) -> list[int]:
         """Prompt token ids, checked against the input limit."""
         try:
-            ids = served.encode_chat(messages) if messages is not None else served.encode(prompt)
+            ids = served.encode_chat(messages, tools) if messages is not None else served.encode(prompt)
         except InfuseError as e:
             raise ApiError(422, str(e)) from None
         limit = self.input_limit(served)
