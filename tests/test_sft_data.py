@@ -146,12 +146,16 @@ def test_loss_scope_trains_the_last_answer_only_or_the_prompts_too(tokenizer):
         assert tokenizer.decode(input_ids) == first_turns + f"Yo<|im_end|>{last_prompt}Ciao<|im_end|>\n"
 
 
-def test_guanaco_text_trains_the_answers_and_plain_text_trains_everything(tokenizer, tmp_path):
+def test_text_in_a_template_trains_the_answers_and_plain_text_trains_everything(tokenizer, tmp_path):
     rows = [{"text": "<s>[INST] What is 2+2? [/INST] Four. </s><s>[INST] And 3+3? [/INST] Six. </s>"},
-            {"text": "Plain text to continue."}]
+            {"text": "Plain text to continue."},
+            {"text": "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n"
+                     "<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\nCiao.<|im_end|>\n"}]
     path = tmp_path / "guanaco.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    (inst, plain), stats = load_conversations([path])
+    (inst, plain, chatml), stats = load_conversations([path])
+    input_ids, labels = tokenize_conversation(chatml, tokenizer, resolve_template(tokenizer, "chatml"))
+    assert trained_runs(input_ids, labels, tokenizer) == ["Hello.<|im_end|>", "Ciao.<|im_end|>"]
     assert stats.formats == {str(path): "text"}
     input_ids, labels = tokenize_conversation(inst, tokenizer, resolve_template(tokenizer, "chatml"))
     assert trained_runs(input_ids, labels, tokenizer) == [" Four. </s>", " Six. </s>"]

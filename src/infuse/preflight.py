@@ -291,17 +291,21 @@ def check_end_of_turn(dataset, tokenizer, marker: str, cutoff_len: int, console:
     the model never learns to stop. None doing so is a problem; some not doing so, a warning."""
     from infuse.data.sft import IGNORE_INDEX
 
-    stops = [tokenizer(marker, add_special_tokens=False)["input_ids"]]
-    if tokenizer.eos_token_id is not None:
-        stops.append([tokenizer.eos_token_id])
-    missing = cut = 0
+    ends = tokenizer(marker, add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else None
+    missing = cut = eos_only = 0
     for input_ids, labels in zip(dataset["input_ids"], dataset["labels"], strict=True):
         trained = [label if label != IGNORE_INDEX else None for label in labels]
-        if not any(contains(trained, stop) for stop in stops):
-            missing += 1
-            cut += len(input_ids) == cutoff_len
+        if contains(trained, ends):
+            continue
+        if eos and contains(trained, eos):
+            eos_only += 1
+            continue
+        missing += 1
+        cut += len(input_ids) == cutoff_len
     count = len(dataset)
-    console.print(f"End of turn {marker!r} trained in {count - missing:,} of {count:,} samples.",
+    instead = f"; eos {tokenizer.eos_token!r} instead in {eos_only:,} (raw text rows)" if eos_only else ""
+    console.print(f"End of turn {marker!r} trained in {count - missing - eos_only:,} of {count:,} samples{instead}.",
                   highlight=False)
     if missing == count:
         findings.problems.append(

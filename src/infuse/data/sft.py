@@ -44,6 +44,7 @@ from infuse.errors import InfuseError
 
 IGNORE_INDEX = -100
 INST_OPEN, INST_CLOSE = "[INST]", "[/INST]"
+CHATML_ASSISTANT, CHATML_END = "<|im_start|>assistant\n", "<|im_end|>"
 
 Span = tuple[int, int]
 
@@ -174,10 +175,10 @@ def _render(tokenizer, template: str, messages: list[dict], tools,
 
 
 def text_spans(text: str, eos: str | None, bos: str | None = None) -> list[Span]:
-    """Trained spans of raw text: each answer after ``[/INST]`` up to and including eos, or all of
-    the text if it has no ``[/INST]``."""
+    """Trained spans of raw text: each answer after ``[/INST]`` up to and including eos, each
+    ChatML assistant turn's words and its ``<|im_end|>``, or all of the text if it has neither."""
     if INST_CLOSE not in text:
-        return [(0, len(text))]
+        return chatml_spans(text) or [(0, len(text))]
     spans = []
     for close in _find_all(text, INST_CLOSE):
         start = close + len(INST_CLOSE)
@@ -190,6 +191,18 @@ def text_spans(text: str, eos: str | None, bos: str | None = None) -> list[Span]
             tail = text[start:limit].rstrip()
             end = start + len(tail.removesuffix(bos).rstrip() if bos else tail)
         if text[start:end].replace(eos or "", "").strip():  # an empty answer teaches nothing
+            spans.append((start, end))
+    return spans
+
+
+def chatml_spans(text: str) -> list[Span]:
+    """The assistant turns of text written in ChatML, each from its first word through its ``<|im_end|>``."""
+    spans = []
+    for header in _find_all(text, CHATML_ASSISTANT):
+        start = header + len(CHATML_ASSISTANT)
+        end = text.find(CHATML_END, start)
+        end = len(text) if end < 0 else end + len(CHATML_END)
+        if text[start:end].replace(CHATML_END, "").strip():
             spans.append((start, end))
     return spans
 
