@@ -8,6 +8,7 @@ overload one.
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -324,6 +325,28 @@ def test_an_answer_that_calls_a_tool_comes_back_as_tool_calls(text, words, calls
     found_words, found = tool_calls_in(text)
     assert found_words == words
     assert ([(c["function"]["name"], c["function"]["arguments"]) for c in found] if found else None) == calls
+
+
+def test_one_model_is_described_by_its_name_and_greedy_answers_report_no_seed(client, http):
+    assert client.models.retrieve("infused").id == "infused"
+    import openai
+
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+    assert generate(http, "The city", max_new_tokens=2)["details"]["seed"] is None
+
+
+def test_serve_names_what_differs_from_how_an_adapter_was_trained(adapter_dir, tiny_llama_dir, qwen_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from infuse.serve.server import adapter_notes
+
+    assert adapter_notes(SimpleNamespace(adapter_path=str(adapter_dir), base=str(tiny_llama_dir))) == []
+    qlora = shutil.copytree(adapter_dir, tmp_path / "qlora")
+    (qlora / "infuse_run.json").write_text(json.dumps({"config": {"finetuning_type": "qlora"}}))
+    notes = adapter_notes(SimpleNamespace(adapter_path=str(qlora), base=str(qwen_dir)))
+    assert notes[0] == f"the adapter was trained on {tiny_llama_dir}, and is served on {qwen_dir}."
+    assert notes[1].startswith("a QLoRA adapter, trained on the 4-bit quantized base, served on the unquantized")
 
 
 def test_huggingface_hub_inference_client_generates_and_streams_through_the_root_route(server):

@@ -125,7 +125,8 @@ def load_model(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> PreTr
     else:
         folder, _ = check_model_source(config)
         model = _load_for_training(folder, config)
-        if grows_with_tokenizer(config) and len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        if tokenizer is not None and grows_with_tokenizer(config) \
+                and len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer))  # new rows drawn around the old ones' mean
     if config.finetuning_type == "qlora":
         from peft import prepare_model_for_kbit_training

@@ -26,9 +26,19 @@ FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "sto
 async def models(request: Request) -> dict:
     """The served models, by the names requests use."""
     service: Service = request.app.state.service
-    return {"object": "list", "data": [
-        {"id": m.name, "object": "model", "created": m.created, "owned_by": "infuse",
-         "root": m.base, "adapter": m.adapter_path} for m in service.registry.models.values()]}
+    return {"object": "list", "data": [_model_card(m) for m in service.registry.models.values()]}
+
+
+@router.get("/models/{name:path}")
+async def model(name: str, request: Request) -> dict:
+    """One served model (404 in OpenAI's shape when it is not served here)."""
+    service: Service = request.app.state.service
+    return _model_card(service.model(name))
+
+
+def _model_card(served: ServedModel) -> dict:
+    return {"id": served.name, "object": "model", "created": served.created, "owned_by": "infuse",
+            "root": served.base, "adapter": served.adapter_path}
 
 
 @router.post("/completions", response_model=None)

@@ -37,7 +37,8 @@ class Sampler:
     def __init__(self, sampling: Sampling):
         self.sampling = sampling
         self.greedy = sampling.greedy
-        self.seed = sampling.seed if sampling.seed is not None else random.randrange(2**63)
+        # A greedy request draws nothing: it has no seed to report (TGI's details.seed is null then).
+        self.seed = None if self.greedy else sampling.seed if sampling.seed is not None else random.randrange(2**63)
         self.generator = None if self.greedy else torch.Generator().manual_seed(self.seed)
 
     def sample(self, logits: torch.Tensor) -> int:
