@@ -142,3 +142,4 @@ def test_train_help_lists_every_own_key_with_its_default(capsys):
         if spec.name != "training":
             assert f" {spec.name} {' '.join(spec.metadata['help'].split())} (default: " in text, spec.name
     assert "val_size Hold out this share" in text and "(default: 0.0)" in text and "(default: null)" in text
+    assert "TrainingArguments defaults infuse changes" in text and "lr_scheduler_type cosine, warmup_steps 0.03" in text

@@ -100,6 +100,8 @@ def test_a_template_file_can_be_named(fresh_tokenizer, tmp_path):
     path = tmp_path / "mine.jinja"
     path.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}\n{% endfor %}")
     assert apply_template(fresh_tokenizer, str(path)) == path.read_text()
+    with pytest.raises(InfuseError, match="template: .*other.jinja: no such file"):
+        apply_template(fresh_tokenizer, str(tmp_path / "other.jinja"))
 
 
 def test_end_of_turn_is_found_and_its_absence_refused(tokenizer):

@@ -221,6 +221,10 @@ def describe_keys(width: int = 78) -> str:
         lines.append(f"  {spec.name}")
         lines += textwrap.wrap(text, width, initial_indent="      ", subsequent_indent="      ",
                                break_on_hyphens=False)  # all-linear, comma-separated: one word each
+    changed = ", ".join(f"{key} {yaml.safe_dump(value, default_flow_style=True).splitlines()[0]}"
+                        for key, value in TRAINING_DEFAULTS.items())
+    lines += ["TrainingArguments defaults infuse changes (give the key to set another):"]
+    lines += textwrap.wrap(changed, width, initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False)
     return "\n".join(lines)
 
 

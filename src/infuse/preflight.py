@@ -142,9 +142,13 @@ def describe_steps(config: TrainConfig, samples: int) -> str:
     max_steps = training.get("max_steps", -1)
     epochs = training.get("num_train_epochs", 3)
     total = max_steps if max_steps and max_steps > 0 else math.ceil(per_epoch * epochs)
-    unit = "blocks" if config.stage == "pt" else "samples"
-    return (f"Training would take {total:,} optimizer steps: {samples:,} {unit}, {batch} a step "
-            f"(on one device), {per_epoch:,} step{'s' if per_epoch != 1 else ''} an epoch.")
+    unit = "block" if config.stage == "pt" else "sample"
+    return (f"Training would take {counted(total, 'optimizer step')}: {counted(samples, unit)}, {batch} a step "
+            f"(on one device), {counted(per_epoch, 'step')} an epoch.")
+
+
+def counted(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 def describe_output(config: TrainConfig, prepared: Prepared) -> str:

@@ -130,7 +130,9 @@ def resolve_template(tokenizer, name: str = "auto") -> str:
         return own
     if name in TEMPLATES:
         return TEMPLATES[name]
-    if name.endswith(".jinja") and Path(name).is_file():
+    if name.endswith(".jinja"):
+        if not Path(name).is_file():
+            raise InfuseError(f"template: {name}: no such file. Give the path of a Jinja chat template file.")
         return Path(name).read_text(encoding="utf-8")
     raise InfuseError(
         f"template: '{name}' is not known. Use auto (the tokenizer's own), one of "
