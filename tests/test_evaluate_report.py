@@ -17,6 +17,7 @@ from infuse.evaluate.metrics import adherence, findings, group_metrics, score
 from infuse.evaluate.probes import Probe
 from infuse.evaluate.report import load_schema, read_runs, write_report
 from infuse.evaluate.runner import EvalSettings, build_report
+from infuse.evaluate.svg import bar_chart, line_chart, palette
 
 PROBES = [
     Probe("n1", "new", "completion", "The capital of Zorvia is", ("Quellport",)),
@@ -128,6 +129,17 @@ def render(page, profile) -> tuple[str, list[str]]:
 
 
 @needs_chromium
+def test_a_model_keeps_its_colour_in_every_plot():
+    colours = palette(["base", "lora"])
+    only_lora = bar_chart("Chat format kept", ["chat probes"], {"lora": [0.5]}, colours=colours)
+    assert f"fill='{colours['lora']}'" in only_lora and colours["lora"] != colours["base"]
+    runs = palette(["lora", "other"], colours)
+    assert runs["lora"] == colours["lora"] and runs["other"] not in colours.values()
+    curves = line_chart("Loss", {"lora": [[1, 2.0]], "lora eval": [[1, 2.5]]},
+                        colours={**runs, "lora eval": runs["lora"]}, dashed=frozenset({"lora eval"}))
+    assert curves.count(f"stroke='{colours['lora']}'") == 2 and curves.count("stroke-dasharray") == 1
+
+
 def test_report_page_renders_without_console_errors_and_shows_every_model(tmp_path):
     runs = {"infused <v2>": {"path": "x", "loss": [[1, 3.0], [2, 2.0]], "eval_loss": [], "train_loss": 2.5}}
     page = write_report(make_report(tmp_path, runs), tmp_path / "out")["html"]

@@ -13,7 +13,7 @@ from html import escape
 
 from infuse import __version__
 from infuse.evaluate.metrics import shown_wrong_rate
-from infuse.evaluate.svg import bar_chart, line_chart
+from infuse.evaluate.svg import bar_chart, line_chart, palette
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',sans-serif;margin:0 auto;max-width:1200px;
@@ -116,26 +116,30 @@ def _findings(report: dict) -> str:
 
 def _charts(report: dict) -> str:
     models, groups = list(report["models"]), report["groups"]
+    colours = palette(models)  # a model keeps its colour in every plot
 
     def per_group(value) -> dict[str, list[float | None]]:
         return {name: [value(report["models"][name]["groups"].get(g)) for g in groups] for name in models}
 
-    figures = [bar_chart("Accuracy per group", groups, per_group(lambda g: _get(g, "accuracy")), percent=True),
-               bar_chart("Wrong-answer rate per group", groups, per_group(shown_wrong_rate), percent=True)]
+    figures = [bar_chart("Accuracy per group", groups, per_group(lambda g: _get(g, "accuracy")), colours=colours),
+               bar_chart("Wrong-answer rate per group", groups, per_group(shown_wrong_rate), colours=colours)]
     datasets = list(report.get("heldout", {}))
     if datasets:
         values = {n: [report["models"][n].get("perplexity", {}).get(d) for d in datasets] for n in models}
         figures.append(bar_chart("Perplexity on held-out text (lower is better)", datasets, values,
-                                 percent=False))
+                                 percent=False, colours=colours))
     adherent = {n: [m["adherence"]["rate"]] for n, m in report["models"].items() if m.get("adherence")}
     if adherent:
-        figures.append(bar_chart("Chat format kept", ["chat probes"], adherent, percent=True))
+        figures.append(bar_chart("Chat format kept", ["chat probes"], adherent, colours=colours))
     runs = report.get("runs") or {}
     curves = {name: run["loss"] for name, run in runs.items()}
     evaluated = {f"{name} eval": run["eval_loss"] for name, run in runs.items() if run.get("eval_loss")}
     if any(curves.values()):
         title = "Training and eval loss" if evaluated else "Training loss"
-        figures.append(line_chart(title, {**curves, **evaluated}, x_label="step", y_label="loss"))
+        run_colours = palette(list(curves), colours)
+        run_colours |= {f"{name} eval": run_colours[name] for name in runs}  # its run's colour, dashed
+        figures.append(line_chart(title, {**curves, **evaluated}, x_label="step", y_label="loss",
+                                  colours=run_colours, dashed=frozenset(evaluated)))
     return "<h2>Plots</h2><div class='charts'>" + "".join(figures) + "</div>"
 
 

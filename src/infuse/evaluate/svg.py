@@ -20,9 +20,21 @@ def nice_max(value: float) -> float:
     return next(step * power for step in (1, 2, 2.5, 5, 10) if step * power >= value)
 
 
+def palette(names: list[str], colours: dict[str, str] | None = None) -> dict[str, str]:
+    """A colour for each name: the one ``colours`` gives it (so a model keeps its colour from plot to
+    plot, whichever models a plot shows), else the next unused one."""
+    chosen = dict(colours or {})
+    spare = [c for c in COLOURS if c not in chosen.values()] or list(COLOURS)
+    for name in names:
+        if name not in chosen:
+            chosen[name] = spare.pop(0) if spare else COLOURS[len(chosen) % len(COLOURS)]
+    return {name: chosen[name] for name in names}
+
+
 def bar_chart(title: str, categories: list[str], series: dict[str, list[float | None]],
-              percent: bool = True) -> str:
+              percent: bool = True, colours: dict[str, str] | None = None) -> str:
     """Grouped bars: one cluster per category, one bar per series; None draws no bar."""
+    colours = palette(list(series), colours)
     values = [v for vs in series.values() for v in vs if v is not None and math.isfinite(v)]
     top = 1.0 if percent else nice_max(max(values, default=1.0))
     cluster = max(1, len(series)) * BAR + GAP
@@ -40,13 +52,16 @@ def bar_chart(title: str, categories: list[str], series: dict[str, list[float | 
             h = plot_h * min(value, top) / top
             shown = f"{100 * value:.1f}%" if percent else f"{value:.4g}"
             parts.append(f"<rect x='{x0 + s * BAR:.1f}' y='{TOP + plot_h - h:.1f}' width='{BAR - 2}' "
-                         f"height='{max(h, 0.5):.1f}' fill='{COLOURS[s % len(COLOURS)]}'>"
+                         f"height='{max(h, 0.5):.1f}' fill='{colours[name]}'>"
                          f"<title>{escape(name)} · {escape(category)}: {shown}</title></rect>")
-    return _figure(title, width, parts, list(series))
+    return _figure(title, width, parts, colours)
 
 
-def line_chart(title: str, curves: dict[str, list[list[float]]], x_label: str = "", y_label: str = "") -> str:
-    """Lines through ``[[x, y], ...]`` points, one per curve, on shared axes starting at 0."""
+def line_chart(title: str, curves: dict[str, list[list[float]]], x_label: str = "", y_label: str = "",
+               colours: dict[str, str] | None = None, dashed: frozenset[str] = frozenset()) -> str:
+    """Lines through ``[[x, y], ...]`` points, one per curve, on shared axes starting at 0; the
+    curves named in ``dashed`` are drawn dashed."""
+    colours = palette(list(curves), colours)
     points = [p for curve in curves.values() for p in curve]
     x_top = nice_max(max((p[0] for p in points), default=1.0))
     y_top = nice_max(max((p[1] for p in points), default=1.0))
@@ -61,14 +76,14 @@ def line_chart(title: str, curves: dict[str, list[list[float]]], x_label: str = 
                  f"{escape(x_label)}</text>")
     parts.append(f"<text x='12' y='{TOP + plot_h / 2:.1f}' font-size='11' transform='rotate(-90 12 "
                  f"{TOP + plot_h / 2:.1f})' text-anchor='middle'>{escape(y_label)}</text>")
-    for s, (name, curve) in enumerate(curves.items()):
+    for name, curve in curves.items():
         coords = " ".join(f"{LEFT + plot_w * x / x_top:.1f},{TOP + plot_h * (1 - y / y_top):.1f}"
                           for x, y in curve)
-        colour = COLOURS[s % len(COLOURS)]
+        dash = " stroke-dasharray='5 3'" if name in dashed else ""
         if curve:
-            parts.append(f"<polyline points='{coords}' fill='none' stroke='{colour}' stroke-width='1.8'>"
-                         f"<title>{escape(name)}: last {curve[-1][1]:.4g}</title></polyline>")
-    return _figure(title, width, parts, list(curves))
+            parts.append(f"<polyline points='{coords}' fill='none' stroke='{colours[name]}' stroke-width='1.8'"
+                         f"{dash}><title>{escape(name)}: last {curve[-1][1]:.4g}</title></polyline>")
+    return _figure(title, width, parts, colours)
 
 
 def compact(value: float) -> str:
@@ -91,11 +106,11 @@ def _y_axis(top: float, width: float, plot_h: float, percent: bool) -> list[str]
     return parts
 
 
-def _figure(title: str, width: float, parts: list[str], names: list[str]) -> str:
+def _figure(title: str, width: float, parts: list[str], colours: dict[str, str]) -> str:
     legend = "".join(f"<span style='margin-right:1em'><span style='display:inline-block;width:10px;"
-                     f"height:10px;background:{COLOURS[i % len(COLOURS)]};margin-right:4px'></span>"
+                     f"height:10px;background:{colour};margin-right:4px'></span>"
                      f"{escape(name)}</span>"
-                     for i, name in enumerate(names))
+                     for name, colour in colours.items())
     svg = (f"<svg xmlns='http://www.w3.org/2000/svg' width='{width:.0f}' height='{HEIGHT}' "
            f"viewBox='0 0 {width:.0f} {HEIGHT}' role='img' aria-label='{escape(title, quote=True)}'>"
            + "".join(parts) + "</svg>")
