@@ -390,3 +390,13 @@ def test_load_documents_yields_documents_for_other_steps(tmp_path):
     [document] = load_documents([str(tmp_path)], FAST, progress=False)
     assert (document.title, document.chars) == ("Voles", len("# Voles\n\nVoles build runways through grass."))
     assert document.to_json()["source"] == str(tmp_path / "a.md")
+
+
+def test_a_damaged_pdf_is_reported_once_in_infuses_words(tmp_path, capsys):
+    from infuse.cli import main
+
+    (tmp_path / "bad.pdf").write_bytes(b"%PDF-1.4\ngarbage")
+    with pytest.raises(SystemExit):
+        main(["ingest", str(tmp_path / "bad.pdf"), "--output", str(tmp_path / "docs.jsonl")])
+    err = capsys.readouterr().err
+    assert "cannot read this PDF" in err and "EOF marker" not in err  # not pypdf's own log line too

@@ -20,6 +20,9 @@ def quiet_libraries(debug: bool = False) -> None:
     transformers.utils.logging.set_verbosity_error()
     for name in ("bitsandbytes", "peft", "accelerate", "datasets", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # pypdf logs what it finds wrong in a damaged file as it reads it; ingest reports each PDF it
+    # cannot read, with the reason, in its own report.
+    logging.getLogger("pypdf").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.utils.checkpoint")
     warnings.filterwarnings("ignore", category=FutureWarning)
 
