@@ -349,6 +349,20 @@ def test_serve_names_what_differs_from_how_an_adapter_was_trained(adapter_dir, t
     assert notes[1].startswith("a QLoRA adapter, trained on the 4-bit quantized base, served on the unquantized")
 
 
+def test_a_completion_prompt_may_be_token_ids(client, local):
+    ids = local["base"].encode("The history of the city")
+    as_text = client.completions.create(model="base", prompt="The history of the city", max_tokens=5, temperature=0)
+    as_ids = client.completions.create(model="base", prompt=ids, max_tokens=5, echo=True, temperature=0)
+    assert as_ids.choices[0].text == local["base"].tokenizer.decode(ids) + as_text.choices[0].text
+    assert as_ids.usage.prompt_tokens == len(ids)
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="token id 99999 is not in base's vocabulary of 2048 ids"):
+        client.completions.create(model="base", prompt=[5, 99999], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="a prompt may not be empty"):
+        client.completions.create(model="base", prompt=[], max_tokens=2)
+
+
 def test_huggingface_hub_inference_client_generates_and_streams_through_the_root_route(server):
     from huggingface_hub import InferenceClient
 

@@ -46,7 +46,7 @@ async def completions(body: CompletionRequest, request: Request) -> dict | Strea
     """Complete each prompt; ``echo`` puts the prompt in front of its completion."""
     service: Service = request.app.state.service
     served = service.model(body.model)
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    prompts = body.prompts()
     if body.stream and len(prompts) > 1:
         raise ApiError(422, "prompt: streaming takes one prompt at a time; send a string, not a list.")
     items = []
@@ -57,14 +57,14 @@ async def completions(body: CompletionRequest, request: Request) -> dict | Strea
         items.append((served, ids, sampling))
     generations = service.start_all(items)
     head = _head("cmpl", "text_completion", served)
+    texts = [p if isinstance(p, str) else served.tokenizer.decode(p) for p in prompts] if body.echo else None
     if body.stream:
-        prefix = prompts[0] if body.echo else ""
+        prefix = texts[0] if body.echo else ""
         return _stream(generations[0], lambda text, finish: head | {"choices": [
             {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}, prefix)
     results = await asyncio.gather(*(service.run(request, g) for g in generations))
-    choices = [{"index": i, "text": (prompt if body.echo else "") + result.text, "logprobs": None,
-                "finish_reason": FINISH_REASONS[result.finish_reason]}
-               for i, (prompt, result) in enumerate(zip(prompts, results, strict=True))]
+    choices = [{"index": i, "text": (texts[i] if body.echo else "") + result.text, "logprobs": None,
+                "finish_reason": FINISH_REASONS[result.finish_reason]} for i, result in enumerate(results)]
     return head | {"choices": choices, "usage": _usage(results)}
 
 

@@ -43,6 +43,7 @@ class ServedModel:
     context_length: int | None
     stop_token_ids: frozenset[int]
     end_of_turn_ids: frozenset[int] = frozenset()
+    vocab_size: int | None = None  # rows of the model's input embeddings
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -52,6 +53,14 @@ class ServedModel:
     def encode(self, text: str) -> list[int]:
         """Token ids of a completion prompt, special tokens added as the tokenizer does by default."""
         return list(self.tokenizer(text).input_ids)
+
+    def check_ids(self, ids: list[int]) -> list[int]:
+        """Token ids given as a prompt, each one the model has an embedding for."""
+        rows = self.vocab_size or len(self.tokenizer)
+        wrong = [i for i in ids if not 0 <= i < rows]
+        if wrong:
+            raise InfuseError(f"prompt: token id {wrong[0]} is not in {self.name}'s vocabulary of {rows} ids.")
+        return list(ids)
 
     def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids of a conversation in the model's chat template, ready for the assistant's turn.
@@ -177,6 +186,7 @@ def _served(name: str, base: str, adapter_path: str | None, adapter: str | None,
         tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(adapter_path))
     return ServedModel(name=name, base=base, adapter_path=adapter_path, adapter=adapter, tokenizer=tokenizer,
                        engine=engine, context_length=context_length(model.config),
+                       vocab_size=model.get_input_embeddings().num_embeddings,
                        stop_token_ids=frozenset(eos_ids(model, tokenizer)),
                        end_of_turn_ids=frozenset(end_of_turn_ids(tokenizer)))
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Lenient(BaseModel):
@@ -53,11 +53,25 @@ class CompletionRequest(Lenient):
     """OpenAI ``POST /v1/completions``."""
 
     model: str | None = None
-    prompt: str | list[str] = Field(min_length=1)
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="text, texts, token ids, or lists of token ids (what lm-eval's tokenized requests send)")
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=1, description="infuse returns one choice per prompt")
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, prompt):
+        if not prompt or any(len(one) == 0 for one in prompt if isinstance(one, str | list)):
+            raise ValueError("a prompt may not be empty")
+        return prompt
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: a text, or token ids."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
     stream: bool = False
     stop: str | list[str] | None = None
     seed: int | None = None

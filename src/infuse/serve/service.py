@@ -98,11 +98,14 @@ class Service:
                                 f"{', '.join(self.registry.models)}.", "model_not_found")
         return served
 
-    def encode(self, served: ServedModel, prompt: str | None = None, messages: list[dict] | None = None,
-               tools: list[dict] | None = None) -> list[int]:
-        """Prompt token ids, checked against the input limit."""
+    def encode(self, served: ServedModel, prompt: str | list[int] | None = None,
+               messages: list[dict] | None = None, tools: list[dict] | None = None) -> list[int]:
+        """Prompt token ids (a prompt may be given as ids), checked against the input limit."""
         try:
-            ids = served.encode_chat(messages, tools) if messages is not None else served.encode(prompt)
+            if messages is not None:
+                ids = served.encode_chat(messages, tools)
+            else:
+                ids = served.encode(prompt) if isinstance(prompt, str) else served.check_ids(prompt)
         except InfuseError as e:
             raise ApiError(422, str(e)) from None
         limit = self.input_limit(served)
