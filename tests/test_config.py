@@ -79,6 +79,13 @@ def test_values_of_the_wrong_type_are_named_before_anything_uses_them():
         config_from_dict({**MINIMAL, "per_device_train_batch_size": 0})
 
 
+def test_a_comma_separated_list_of_files_is_a_list(tmp_path):
+    assert config_from_dict({**MINIMAL, "dataset": "a.jsonl, b/"}).dataset == ["a.jsonl", "b/"]
+    named = tmp_path / "x,y.jsonl"
+    named.write_text("")
+    assert config_from_dict({**MINIMAL, "dataset": str(named)}).dataset == [str(named)]
+
+
 def test_swa_start_is_a_share_of_the_run():
     assert config_from_dict({**MINIMAL, "swa_start": 0.75}).swa_start == 0.75
     for bad in (1, 1.5, -0.1, "half"):

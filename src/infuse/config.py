@@ -273,7 +273,7 @@ def config_from_dict(values: dict[str, Any], origin: str = "config") -> TrainCon
     own = {key: _as_number(key, value, _own_field_types()) for key, value in own.items()}
     for key in ("dataset", "replay_dataset", "eval_dataset", "modules_to_save"):
         if isinstance(own.get(key), str):
-            own[key] = [own[key]]
+            own[key] = _listed(own[key])
     wrong_types = _type_errors(own, _own_field_types()) + _type_errors(training, _training_field_types())
     if wrong_types:  # the checks below compare and combine values of the right types
         _raise_config_errors(origin, errors + wrong_types)
@@ -291,6 +291,14 @@ def config_from_dict(values: dict[str, Any], origin: str = "config") -> TrainCon
     if errors:
         _raise_config_errors(origin, errors)
     return config
+
+
+def _listed(value: str) -> list[str]:
+    """``"a.jsonl,b.jsonl"`` (as ``--dataset a.jsonl,b.jsonl`` gives it) → two entries; a path that
+    exists with a comma in its name stays whole."""
+    if "," not in value or Path(value).expanduser().exists():
+        return [value]
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 def _raise_config_errors(origin: str, errors: list[str]) -> None:
