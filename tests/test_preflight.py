@@ -206,6 +206,13 @@ def test_template_markers_the_tokenizer_lacks_become_tokens_where_the_run_can_tr
     assert "Added" not in out and "a lora adapter cannot add tokens" in " ".join(out.split())
 
 
+def test_a_long_sample_is_cut_in_the_middle_saying_how_much_trained_text_the_cut_hides():
+    from infuse.preflight import clip_pieces
+
+    clipped = clip_pieces([("a" * 600, False), ("b" * 100, True), ("c" * 300, False)], head=500, tail=250)
+    assert clipped == [("a" * 500 + " … [250 characters, 100 of them trained] … ", False), ("c" * 250, False)]
+
+
 def test_a_training_argument_the_trainer_refuses_is_fatal(capsys, tiny_llama_dir, shared_data, tmp_path):
     code, out = preflight(capsys, None, *sft_overrides(tiny_llama_dir, shared_data / "alpaca_en_demo.json",
                                                        tmp_path / "out", "--optim", "adamw_torchh"))

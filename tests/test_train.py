@@ -110,6 +110,7 @@ def test_adapter_infusion_lowers_corpus_loss_and_reloads_with_plain_peft(
     assert after < before - 0.1, (before, after)
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft's call
 def test_an_adapter_records_its_base_as_an_absolute_path(pretrained, tiny_llama_config_path, small_corpus,
                                                          tmp_path, monkeypatch):
     """Trained from relative paths, the adapter still loads from anywhere with plain peft."""

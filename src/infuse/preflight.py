@@ -275,6 +275,12 @@ def clip_pieces(pieces: list[tuple[str, bool]], head: int = SHOWN_HEAD, tail: in
     total = sum(len(text) for text, _ in pieces)
     if total <= head + tail:
         return pieces
+    hidden_trained, position = 0, 0
+    for text, trained in pieces:  # trained characters in the part cut out, so the cut hides none unsaid
+        start, end = position, position + len(text)
+        position = end
+        hidden_trained += trained * max(0, min(end, total - tail) - max(start, head))
+    trained_note = f", {hidden_trained:,} of them trained" if hidden_trained else ""
     clipped, position = [], 0
     for text, trained in pieces:
         start, end = position, position + len(text)
@@ -282,7 +288,7 @@ def clip_pieces(pieces: list[tuple[str, bool]], head: int = SHOWN_HEAD, tail: in
         keep = text[: max(0, head - start)] if start < head else ""
         cut_mark = start < head <= end
         if cut_mark:
-            keep += f" … [{total - head - tail:,} characters] … "
+            keep += f" … [{total - head - tail:,} characters{trained_note}] … "
         keep += text[max(0, total - tail - start):] if end > total - tail else ""
         if keep:
             clipped.append((keep, trained))
