@@ -483,8 +483,10 @@ def prepare_template(config, tokenizer, console: Console) -> str:
     missing = missing_markers(tokenizer, config.template, template)
     if not missing:
         return template
+    from infuse.models import grows_with_tokenizer
+
     names = ", ".join(missing)
-    if config.finetuning_type == "full" or config.model_config:
+    if grows_with_tokenizer(config):
         tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
         console.print(f"Added {names} to the tokenizer as special tokens ({len(tokenizer):,} tokens now): the "
                       f"template writes them, and the model's embeddings grow to learn them.", highlight=False)
