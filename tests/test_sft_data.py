@@ -119,6 +119,24 @@ def test_exactly_the_answers_and_their_end_of_turn_are_trained(chat_tokenizer, s
     assert with_tools == folded
 
 
+def test_a_template_that_drops_earlier_reasoning_trains_the_last_answer_with_mask_history(tokenizer):
+    """Like Qwen3's: an earlier answer loses its <think> block once another answer follows it."""
+    drops_reasoning = (
+        "{%- for m in messages -%}{%- set c = m['content'] -%}"
+        "{%- if m['role'] == 'assistant' and not loop.last -%}{%- set c = c.split('</think>')[-1] -%}{%- endif -%}"
+        "{{- '<|im_start|>' + m['role'] + '\n' + c + '<|im_end|>\n' -}}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}")
+    conversation = Conversation([{"role": "user", "content": "Hi"},
+                                 {"role": "assistant", "content": "<think>greet</think>Yo"},
+                                 {"role": "user", "content": "Bye"},
+                                 {"role": "assistant", "content": "<think>part</think>Ciao"}])
+    with pytest.raises(InfuseError, match="rewrites earlier turns"):
+        tokenize_conversation(conversation, tokenizer, drops_reasoning)
+    input_ids, labels = tokenize_conversation(conversation, tokenizer, drops_reasoning, LossScope(mask_history=True))
+    assert trained_runs(input_ids, labels, tokenizer) == ["<think>part</think>Ciao<|im_end|>"]
+    assert "<think>greet</think>" not in tokenizer.decode(input_ids)
+
+
 def test_chatml_role_headers_are_masked(tokenizer):
     conversation = Conversation([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}])
     input_ids, labels = tokenize_conversation(conversation, tokenizer, resolve_template(tokenizer, "chatml"))

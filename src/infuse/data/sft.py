@@ -108,7 +108,10 @@ def tokenize_conversation(conversation: Conversation, tokenizer, template: str, 
     """``(input_ids, labels)`` of one conversation; labels are -100 except on the tokens ``scope``
     trains (by default assistant answers and their end-of-turn markers). Raises BadRow if the
     template cannot render the conversation."""
-    text, spans = trained_spans(conversation, tokenizer, template)
+    # Only the last answer trained: the earlier ones need not be found, which a template that
+    # rewrites earlier turns (drops their reasoning) would not allow.
+    text, spans = trained_spans(conversation, tokenizer, template,
+                                only_last=scope.mask_history and not scope.train_on_prompt)
     spans = scope.select(spans)
     try:
         encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -119,16 +122,17 @@ def tokenize_conversation(conversation: Conversation, tokenizer, template: str, 
     return input_ids, labels_for(input_ids, encoding["offset_mapping"], spans)
 
 
-def trained_spans(conversation: Conversation, tokenizer, template: str) -> tuple[str, list[Span]]:
-    """The text to tokenize and the character spans of it that are trained."""
+def trained_spans(conversation: Conversation, tokenizer, template: str,
+                  only_last: bool = False) -> tuple[str, list[Span]]:
+    """The text to tokenize and the character spans of it that are trained: every assistant answer's,
+    or with ``only_last`` the last one's."""
     if conversation.text is not None:
         return conversation.text, text_spans(conversation.text, tokenizer.eos_token, tokenizer.bos_token)
     messages, tools = chat_inputs(conversation.messages, conversation.tools, template)
     full = _render(tokenizer, template, messages, tools)
+    answers = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
     spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
+    for i in answers[-1:] if only_last else answers:
         upto = full if i == len(messages) - 1 else _render(tokenizer, template, messages[: i + 1], tools)
         _check_prefix(upto, full, i)
         spans.append((_answer_start(tokenizer, template, messages, tools, i, upto), len(upto.rstrip())))
