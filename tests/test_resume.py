@@ -58,7 +58,7 @@ def losses(output_dir: Path) -> list[float]:
 
 
 @pytest.mark.parametrize("swa_start", [None, 0.25], ids=["last-weights", "averaged-weights"])
-def test_killed_run_resumes_to_the_same_weights_and_losses(recipe, tmp_path, swa_start):
+def test_killed_run_resumes_to_the_same_weights_and_losses(recipe, tmp_path, swa_start, capsys):
     straight = tmp_path / "straight"
     main(["train", str(recipe(straight, swa_start=swa_start))])
 
@@ -69,9 +69,11 @@ def test_killed_run_resumes_to_the_same_weights_and_losses(recipe, tmp_path, swa
     assert (resumed / f"checkpoint-{KILL_STEP}").is_dir()
     assert not (resumed / f"checkpoint-{KILL_STEP}" / SEAL_FILE).exists()
 
+    capsys.readouterr()
     main(["train", str(config)])  # the same command again
     manifest = json.loads((resumed / "infuse_run.json").read_text())
     assert manifest["resumed_from"] == str(resumed / f"checkpoint-{KILL_STEP - 4}")
+    assert f"since checkpoint-{KILL_STEP - 4})" in " ".join(capsys.readouterr().out.split())  # its steps' loss
 
     expected, got = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert expected.keys() == got.keys()

@@ -135,7 +135,9 @@ def run(config: TrainConfig, console: Console | None = None,
     if args.should_save:
         tokenizer.save_pretrained(str(output_dir))
         (output_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-    loss = f" (train loss {metrics['train_loss']:.4f})" if "train_loss" in metrics else ""
+    # The Trainer averages the loss over the steps of this call: after a resume, those since the checkpoint.
+    since = f" since {Path(plan.checkpoint).name}" if plan.checkpoint else ""
+    loss = f" (train loss {metrics['train_loss']:.4f}{since})" if "train_loss" in metrics else ""
     console.print(f"[green]Saved[/green] {describe_artefact(config)} to [bold]{output_dir}[/bold]{loss}.")
     return manifest
 
