@@ -394,3 +394,16 @@ def test_tokenizing_into_a_log_file_leaves_no_trace_of_the_bar(tokenizer, shared
     build_sft_dataset(identity_conversations(shared_data)[:3], tokenizer, resolve_template(tokenizer, "chatml"), 96,
                       console=console)
     assert console.file.getvalue() == ""
+
+
+def test_the_run_counts_rows_skipped_while_reading_and_while_tokenizing(tokenizer_dir, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)  # its own: the run sets the template on it
+    path = tmp_path / "data.jsonl"
+    two_users = {"messages": [{"role": "user", "content": "A"}, {"role": "user", "content": "B"},
+                              {"role": "assistant", "content": "C"}]}  # llama2 cannot render it
+    path.write_text(json.dumps({"instruction": "Q", "output": "A"}) + "\nnot json\n" + json.dumps(two_users) + "\n")
+    config = TrainConfig(stage="sft", model_name_or_path="unused", dataset=[str(path)], template="llama2",
+                         bad_rows="skip", training={"output_dir": str(tmp_path / "run")})
+    stats = build_sft_data(config, tokenizer, Console(file=io.StringIO())).stats["train"]
+    assert stats["skipped_rows"] == 2 and stats["skipped_by_reason"] == {"not_json": 1, "template": 1}
+    assert [example.split(": ")[0] for example in stats["skipped_examples"]] == [f"{path}:2", f"{path}:3"]

@@ -514,7 +514,11 @@ class SFTSamples:
     stats: SFTStats
 
     def counts(self) -> dict[str, Any]:
-        return {**self.loaded.to_dict(), **self.stats.to_dict()}
+        """Every count, rows skipped while reading and while tokenizing added together."""
+        skipped = self.loaded.skipped + self.stats.skipped
+        return {**self.loaded.to_dict(), **self.stats.to_dict(), "skipped_rows": sum(skipped.values()),
+                "skipped_by_reason": dict(skipped),
+                "skipped_examples": self.loaded.skipped_examples + self.stats.skipped_examples}
 
 
 def read_sft_samples(sources: list[str], config, tokenizer, template: str, console: Console) -> SFTSamples:
