@@ -103,6 +103,18 @@ def test_openai_and_sharegpt_tool_calls_take_one_shape(tmp_path):
     assert from_messages.messages[2]["role"] == "tool"
 
 
+def test_call_ids_and_the_tool_a_result_answers_are_kept_for_templates_that_write_them(tmp_path):
+    call = {"id": "c1", "function": {"name": "f", "arguments": {}}}
+    path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [
+        {"role": "user", "content": "Q"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "name": "f", "content": "3"},
+        {"role": "assistant", "content": None, "function_call": {"name": "g", "arguments": "{}"}}]}])
+    (conversation,), _ = load_conversations([path])
+    assert conversation.messages[1]["tool_calls"][0]["id"] == "c1"
+    assert conversation.messages[2] == {"role": "tool", "content": "3", "tool_call_id": "c1", "name": "f"}
+    assert conversation.messages[3]["tool_calls"] == [{"type": "function", "function": {"name": "g", "arguments": {}}}]
+
+
 def test_folders_are_searched_and_the_format_can_be_named(tmp_path):
     write_jsonl(tmp_path / "b.jsonl", [{"instruction": "Q", "output": "A"}])
     write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Q0", "output": "A0"}])
@@ -140,6 +152,8 @@ BAD_ROWS = [
     ({"messages": [{"role": "user", "content": "Q"},
                    {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{x"}}]}]},
      "the arguments of f is not valid JSON"),
+    ({"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+      "tools": [{"type": "function"}]}, "should describe a function with a 'name'"),
 ]
 
 

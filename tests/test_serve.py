@@ -318,11 +318,13 @@ def test_tools_reach_the_prompt_as_sft_training_wrote_them(client, tokenizer):
     ('Checking.\n[{"name": "f", "arguments": {}}, {"name": "g", "arguments": "{}"}]', "Checking.",
      [("f", "{}"), ("g", "{}")]),
     ('<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>', "", [("f", '{"x": 1}')]),
+    ('{"name": "g", "parameters": {"x": 1}}', "", [("g", '{"x": 1}')]),  # as Llama 3.1 writes a call
     ("It is sunny today.", "It is sunny today.", None),
     ('{"temperature": 20}', '{"temperature": 20}', None),
+    ('Here:\n{"name": "Bob", "age": 3}', 'Here:\n{"name": "Bob", "age": 3}', None),  # JSON, but no tool's name
 ])
 def test_an_answer_that_calls_a_tool_comes_back_as_tool_calls(text, words, calls):
-    found_words, found = tool_calls_in(text)
+    found_words, found = tool_calls_in(text, {"f", "g"})
     assert found_words == words
     assert ([(c["function"]["name"], c["function"]["arguments"]) for c in found] if found else None) == calls
 

@@ -215,8 +215,8 @@ def _message(turn: Any, index: int, role_key: str, content_key: str) -> dict[str
     if not isinstance(role, str) or role.lower() not in ROLE_NAMES:
         known = ", ".join(sorted(ROLE_NAMES))
         raise BadRow(f"message {index} has unknown role {role!r} ('{role_key}'); known roles: {known}.")
-    if turn.get("tool_calls"):  # OpenAI: the calls, and the words said with them if any
-        calls = turn["tool_calls"]
+    calls = turn.get("tool_calls") or ([turn["function_call"]] if isinstance(turn.get("function_call"), dict) else None)
+    if calls:  # OpenAI: the calls (``function_call``: the older single one), and any words said with them
         if not isinstance(calls, list):
             raise BadRow(f"message {index}: 'tool_calls' should be a list, found {type(calls).__name__}.")
         content = _content(turn, index, content_key) if turn.get(content_key) is not None else ""
@@ -226,7 +226,10 @@ def _message(turn: Any, index: int, role_key: str, content_key: str) -> dict[str
         written = _json_value(content, f"message {index}: a function_call turn")
         calls = written if isinstance(written, list) else [written]
         return {"role": "assistant", "content": "", "tool_calls": [_tool_call(call, index) for call in calls]}
-    return {"role": ROLE_NAMES[role.lower()], "content": content}
+    message = {"role": ROLE_NAMES[role.lower()], "content": content}
+    if message["role"] == "tool":  # which call it answers, for templates that write it
+        message |= {key: turn[key] for key in ("tool_call_id", "name") if isinstance(turn.get(key), str)}
+    return message
 
 
 def _tool_call(call: Any, index: int) -> dict[str, Any]:
@@ -242,7 +245,8 @@ def _tool_call(call: Any, index: int) -> dict[str, Any]:
         arguments = _json_value(arguments, f"message {index}: the arguments of {function['name']}") if arguments else {}
     if not isinstance(arguments, dict):
         raise BadRow(f"message {index}: the arguments of {function['name']} should be an object.")
-    return {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+    written = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+    return written | ({"id": call["id"]} if isinstance(call.get("id"), str) else {})
 
 
 def _json_value(text: str, what: str) -> Any:
@@ -296,6 +300,9 @@ def _tools(row: dict) -> list[dict[str, Any]] | None:
             raise BadRow(f"'tools' is a string but not valid JSON ({e.msg}).") from None
     if not (isinstance(tools, list) and all(isinstance(tool, dict) for tool in tools)):
         raise BadRow("'tools' should be a list of function descriptions (objects).")
+    described = [tool.get("function", tool) for tool in tools]
+    if not all(isinstance(function, dict) and isinstance(function.get("name"), str) for function in described):
+        raise BadRow("each of 'tools' should describe a function with a 'name' (and 'parameters').")
     return [tool if tool.get("type") == "function" and "function" in tool else {"type": "function", "function": tool}
             for tool in tools] or None
 

@@ -73,9 +73,7 @@ async def chat_completions(body: ChatRequest, request: Request) -> dict | Stream
     """Answer a conversation, formatted with the model's own chat template."""
     service: Service = request.app.state.service
     served = service.model(body.model)
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
-                 **({"tool_calls": m.tool_calls} if m.tool_calls else {})} for m in body.messages]
-    ids = service.encode(served, messages=messages, tools=body.tools)
+    ids = service.encode(served, messages=[m.as_dict() for m in body.messages], tools=body.tools)
     sampling = service.sampling(served, ids, body.max_completion_tokens or body.max_tokens,
                                 temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                                 stop=stop_list(body.stop))
@@ -92,7 +90,9 @@ async def chat_completions(body: ChatRequest, request: Request) -> dict | Stream
             usage_chunk=chunk if usage else None)
     result = await service.run(request, generation)
     message, finish = {"role": "assistant", "content": result.text}, FINISH_REASONS[result.finish_reason]
-    words, calls = tool_calls_in(result.text) if body.tools else (result.text, None)
+    callable_names = {tool.get("function", tool).get("name") for tool in body.tools or []}
+    words, calls = (tool_calls_in(result.text, callable_names) if callable_names and body.tool_choice != "none"
+                    else (result.text, None))
     if calls:
         message, finish = {"role": "assistant", "content": words or None, "tool_calls": calls}, "tool_calls"
     return head | {"choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
@@ -102,10 +102,11 @@ async def chat_completions(body: ChatRequest, request: Request) -> dict | Stream
 TAGGED_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 
-def tool_calls_in(text: str) -> tuple[str, list[dict] | None]:
+def tool_calls_in(text: str, names: set[str]) -> tuple[str, list[dict] | None]:
     """(words, calls) of an answer to a request with tools: the calls as OpenAI returns them, from the
     JSON that infuse's tool prompt asks for (``{"name", "arguments"}`` or a list of them, after any
-    words), or from ``<tool_call>`` tags (Qwen's and Hermes' templates); (text, None) if it makes none."""
+    words; ``parameters`` for ``arguments`` as Llama 3.1 writes it), or from ``<tool_call>`` tags
+    (Qwen's and Hermes' templates). (text, None) unless every call names one of the request's tools."""
     tagged = TAGGED_CALL.findall(text)
     if tagged:
         words, written = TAGGED_CALL.sub("", text).strip(), tagged
@@ -121,9 +122,9 @@ def tool_calls_in(text: str) -> tuple[str, list[dict] | None]:
         except json.JSONDecodeError:
             return text, None
         for call in value if isinstance(value, list) else [value]:
-            if not (isinstance(call, dict) and isinstance(call.get("name"), str)):
+            if not (isinstance(call, dict) and call.get("name") in names):
                 return text, None
-            arguments = call.get("arguments", {})
+            arguments = call.get("arguments", call.get("parameters", {}))
             arguments = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
             calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
                           "function": {"name": call["name"], "arguments": arguments}})

@@ -87,6 +87,16 @@ class ChatMessage(Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     tool_calls: list[dict[str, Any]] | None = None
+    function_call: dict[str, Any] | None = None  # the older single-call field
+    tool_call_id: str | None = None
+    name: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The message as the data formats read it."""
+        fields = {"tool_calls": self.tool_calls or ([self.function_call] if self.function_call else None),
+                  "tool_call_id": self.tool_call_id, "name": self.name}
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text(),
+                **{key: value for key, value in fields.items() if value}}
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -114,6 +124,7 @@ class ChatRequest(Lenient):
     seed: int | None = None
     tools: list[dict[str, Any]] | None = Field(None, description="written into the prompt as SFT training "
                                                "wrote them; a reply that is a call comes back as tool_calls")
+    tool_choice: str | dict[str, Any] | None = Field(None, description="'none': a reply is never read as a call")
 
 
 def stop_list(stop: str | list[str] | None) -> list[str]:
