@@ -363,6 +363,9 @@ def test_a_completion_prompt_may_be_token_ids(client, local):
         client.completions.create(model="base", prompt=[5, 99999], max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="a prompt may not be empty"):
         client.completions.create(model="base", prompt=[], max_tokens=2)
+    # lm-eval's log-likelihood request: refused with the reason, not answered with logprobs null
+    with pytest.raises(openai.BadRequestError, match="does not return logprobs; for lm-eval tasks run"):
+        client.completions.create(model="base", prompt=[ids], max_tokens=1, logprobs=1, echo=True, temperature=0)
 
 
 def test_huggingface_hub_inference_client_generates_and_streams_through_the_root_route(server):

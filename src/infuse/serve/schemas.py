@@ -60,6 +60,19 @@ class CompletionRequest(Lenient):
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=1, description="infuse returns one choice per prompt")
 
+    logprobs: int | None = Field(None, description="not returned: a request that asks for them is refused")
+    best_of: int | None = Field(None, ge=1, le=1)
+    suffix: str | None = Field(None, max_length=0)
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, logprobs):
+        # lm-eval's log-likelihood requests read them: refused, they fail with a reason, not on a null.
+        if logprobs is not None:
+            raise ValueError("infuse serve does not return logprobs; for lm-eval tasks run `infuse eval "
+                             "--lm-eval TASKS`, which scores the model directly")
+        return logprobs
+
     @field_validator("prompt")
     @classmethod
     def _not_empty(cls, prompt):
@@ -122,9 +135,17 @@ class ChatRequest(Lenient):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
+    logprobs: bool = Field(False, description="not returned: true is refused")
     tools: list[dict[str, Any]] | None = Field(None, description="written into the prompt as SFT training "
                                                "wrote them; a reply that is a call comes back as tool_calls")
     tool_choice: str | dict[str, Any] | None = Field(None, description="'none': a reply is never read as a call")
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, logprobs):
+        if logprobs:
+            raise ValueError("infuse serve does not return logprobs")
+        return logprobs
 
 
 def stop_list(stop: str | list[str] | None) -> list[str]:
