@@ -77,6 +77,10 @@ def test_values_of_the_wrong_type_are_named_before_anything_uses_them():
     assert config_from_dict({**MINIMAL, "learning_rate": "2e-4", "max_steps": 3}).training["learning_rate"] == 2e-4
     with pytest.raises(InfuseError, match="per_device_train_batch_size: expected a positive integer, got 0"):
         config_from_dict({**MINIMAL, "per_device_train_batch_size": 0})
+    with pytest.raises(InfuseError, match="learning_rate: expected 0 or more, got -1"):
+        config_from_dict({**MINIMAL, "learning_rate": -1})
+    with pytest.raises(InfuseError, match="max_steps: expected a positive number of steps, or -1"):
+        config_from_dict({**MINIMAL, "max_steps": -5})
 
 
 def test_a_comma_separated_list_of_files_is_a_list(tmp_path):

@@ -445,6 +445,12 @@ def _validate(config: TrainConfig) -> list[str]:
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if name in config.training and config.training[name] < 1:
             errors.append(f"{name}: expected a positive integer, got {config.training[name]!r}.")
+    if config.training.get("learning_rate", 0) < 0:
+        errors.append(f"learning_rate: expected 0 or more, got {config.training['learning_rate']!r}.")
+    max_steps = config.training.get("max_steps", -1)
+    if max_steps != -1 and max_steps < 1:  # the Trainer would read it as "no limit" and train the epochs
+        errors.append(f"max_steps: expected a positive number of steps, or -1 to train num_train_epochs; "
+                      f"got {max_steps!r}.")
     if not 0 <= config.replay_ratio < 1:
         errors.append(f"replay_ratio: expected a number in [0, 1), got {config.replay_ratio!r}.")
     if config.swa_start is not None and not (isinstance(config.swa_start, float | int) and 0 <= config.swa_start < 1):

@@ -364,8 +364,9 @@ def check_vocabulary(model_config: PretrainedConfig, largest_id: int, source: st
     vocab = getattr(model_config, "vocab_size", None)
     if vocab is not None and largest_id >= vocab:
         raise InfuseError(f"the data holds token id {largest_id}, but the model's vocabulary has {vocab} entries "
-                          f"(vocab_size of {source}): the tokenizer has tokens the model has no embedding for. "
-                          "Use the tokenizer the model was trained with.")
+                          f"(vocab_size of {source}): the tokenizer has tokens the model has no embedding for, "
+                          "and an adapter cannot add them. Use the tokenizer the model was trained with, or "
+                          "finetuning_type: full, which grows the embeddings and trains the new rows.")
 
 
 def check_context(model_config: PretrainedConfig, length: int, key: str = "block_size",

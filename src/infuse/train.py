@@ -88,7 +88,7 @@ def run(config: TrainConfig, console: Console | None = None,
 
     model = load_model(config, tokenizer)
     rows = model.get_input_embeddings().num_embeddings
-    if not config.model_config and rows > model_config.vocab_size:
+    if config.finetuning_type == "full" and rows > model_config.vocab_size:
         console.print(f"The model's embeddings grew from {model_config.vocab_size:,} to {rows:,} rows for the "
                       "tokenizer's tokens; the new rows are trained.", highlight=False)
     describe_model(model, console)

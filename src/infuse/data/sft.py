@@ -492,8 +492,9 @@ def prepare_template(config, tokenizer, console: Console) -> str:
     names = ", ".join(missing)
     if grows_with_tokenizer(config):
         tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+        trained = ", which are trained" if config.finetuning_type == "full" else ""
         console.print(f"Added {names} to the tokenizer as special tokens ({len(tokenizer):,} tokens now): the "
-                      f"template writes them, and the model's embeddings grow to learn them.", highlight=False)
+                      f"template writes them, and the model gets embedding rows for them{trained}.", highlight=False)
     else:
         console.print(f"[yellow]{escape(names)}, written by the template, {'is' if len(missing) == 1 else 'are'} "
                       f"not one token of this tokenizer, and a {config.finetuning_type} adapter cannot add "
