@@ -163,6 +163,9 @@ def test_formats_are_detected_row_by_row(tmp_path):
     conversations, stats = load_conversations([path])
     assert [c.messages[-1]["content"] for c in conversations] == ["A", "A", "A"]
     assert stats.formats == {str(path): "alpaca+messages+sharegpt"}
+    write_jsonl(path, [GOOD_ROWS["conversations"], {"instruction": "Q"}])  # read as the alpaca row it nearly is
+    with pytest.raises(InfuseError, match="mixed.jsonl:2: not a valid alpaca row: the 'output' field is missing"):
+        load_conversations([path])
 
 
 def test_a_byte_order_mark_is_not_read_as_text(tmp_path):
@@ -176,7 +179,7 @@ def test_a_byte_order_mark_is_not_read_as_text(tmp_path):
 def test_a_line_that_is_not_json_is_a_bad_row_too(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text(json.dumps(GOOD_ROWS["instruction"]) + '\n{"instruction": "Q", "output": "A"\n')
-    with pytest.raises(InfuseError, match=f"{path}:2: this line is not valid JSON .*bad_rows: skip"):
+    with pytest.raises(InfuseError, match=f"{path}:2: this line is not valid JSON .* at the end of the line"):
         load_conversations([path])
     conversations, stats = load_conversations([path], bad_rows="skip")
     assert len(conversations) == 1 and stats.skipped == {"not_json": 1}

@@ -415,8 +415,8 @@ def _read_file(path: Path, dataset_format: str, policy: BadRows, stats: LoadStat
     format_name = None
     for row, where in read_records(path, on_bad_line=lambda where, problem: policy.handle(where, problem, "not_json")):
         stats.rows += 1
-        # A row with the fields of no format is read as the row before it was, to say what it lacks.
-        format_name = fixed or detect_format(row) or format_name
+        # A row with the fields of no format is read as the format it comes closest to, to say what it lacks.
+        format_name = fixed or detect_format(row) or closest_format(row) or format_name
         if format_name is None:
             policy.handle(where, unknown_format(row), reason="unknown_format")
             continue
@@ -430,6 +430,14 @@ def _read_file(path: Path, dataset_format: str, policy: BadRows, stats: LoadStat
         yield conversation
     if found or fixed:
         stats.formats[str(path)] = "+".join(sorted(found)) or fixed
+
+
+def closest_format(row: dict) -> str | None:
+    """The format most of whose identifying fields ``row`` has (alpaca for an ``instruction`` without
+    ``output``), or None when it has none of any format's."""
+    shares = {name: sum(key in row for key in signature) / len(signature) for name, signature in SIGNATURES.items()}
+    name = max(shares, key=shares.get)
+    return name if shares[name] > 0 else None
 
 
 def unknown_format(row: dict) -> str:

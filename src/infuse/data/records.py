@@ -52,10 +52,12 @@ def _read_jsonl(path: Path, on_bad_line: Callable[[str, str], None] | None = Non
             if not line.strip():
                 continue
             where = f"{path}:{number}"
+            text = line.rstrip("\r\n")  # with its break, a line cut short reads as an error on the next
             try:
-                row = json.loads(line)
+                row = json.loads(text)
             except json.JSONDecodeError as e:
-                problem = (f"this line is not valid JSON ({e.msg} at column {e.colno} of {len(line.rstrip())}). "
+                at = "the end of the line" if e.pos >= len(text) else f"column {e.colno} of {len(text)}"
+                problem = (f"this line is not valid JSON ({e.msg} at {at}). "
                            "Each line of a .jsonl file must be one JSON object.")
                 if on_bad_line is None:
                     raise InfuseError(f"{where}: {problem} Fix or remove the line.") from None
