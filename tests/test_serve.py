@@ -296,6 +296,8 @@ def test_openai_validation_errors_use_the_openai_shape(client):
         client.chat.completions.create(model="base", messages=[], max_tokens=3)
     assert "messages: List should have at least 1 item" in caught.value.message
     assert caught.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError, match="max_tokens 100000 is more than this server allows"):
+        client.completions.create(model="base", prompt="x", max_tokens=100_000)
 
 
 def test_tools_reach_the_prompt_as_sft_training_wrote_them(client, tokenizer):

@@ -52,7 +52,7 @@ async def completions(body: CompletionRequest, request: Request) -> dict | Strea
     items = []
     for prompt in prompts:
         ids = service.encode(served, prompt=prompt)
-        sampling = service.sampling(served, ids, body.max_tokens, temperature=body.temperature,
+        sampling = service.sampling(served, ids, body.max_tokens, "max_tokens", temperature=body.temperature,
                                     top_p=body.top_p, seed=body.seed, stop=stop_list(body.stop))
         items.append((served, ids, sampling))
     generations = service.start_all(items)
@@ -74,7 +74,8 @@ async def chat_completions(body: ChatRequest, request: Request) -> dict | Stream
     service: Service = request.app.state.service
     served = service.model(body.model)
     ids = service.encode(served, messages=[m.as_dict() for m in body.messages], tools=body.tools)
-    sampling = service.sampling(served, ids, body.max_completion_tokens or body.max_tokens,
+    key = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    sampling = service.sampling(served, ids, body.max_completion_tokens or body.max_tokens, key,
                                 temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                                 stop=stop_list(body.stop))
     generation = service.start(served, ids, sampling, chat=True)

@@ -119,16 +119,17 @@ class Service:
         return min(self.options.max_input_tokens, (served.context_length or 10**9) - 1)
 
     def sampling(self, served: ServedModel, prompt_ids: list[int], max_new_tokens: int | None,
-                 **fields) -> Sampling:
-        """Sampling with max_new_tokens checked against the cap and the model's context."""
+                 key: str = "max_new_tokens", **fields) -> Sampling:
+        """Sampling with max_new_tokens (the request's ``key``) checked against the cap and the
+        model's context."""
         room = (served.context_length or 10**9) - len(prompt_ids)
         if max_new_tokens is None:
             max_new_tokens = min(self.options.default_max_new_tokens, room)
         elif max_new_tokens > self.options.max_new_tokens:
-            raise ApiError(422, f"max_new_tokens {max_new_tokens} is more than this server allows "
+            raise ApiError(422, f"{key} {max_new_tokens} is more than this server allows "
                                 f"({self.options.max_new_tokens}).")
         elif max_new_tokens > room:
-            raise ApiError(422, f"The prompt ({len(prompt_ids)} tokens) plus max_new_tokens "
+            raise ApiError(422, f"The prompt ({len(prompt_ids)} tokens) plus {key} "
                                 f"({max_new_tokens}) exceeds {served.name}'s context of "
                                 f"{served.context_length} tokens.")
         return Sampling(max_new_tokens=max_new_tokens, **fields)
