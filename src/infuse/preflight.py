@@ -225,7 +225,7 @@ def preflight_sft(config: TrainConfig, tokenizer, console: Console, findings: Fi
     from infuse.data.sft import evaluation_samples, prepare_template, read_sft_samples
     from infuse.data.templates import end_of_turn
 
-    template = prepare_template(config, tokenizer, console)
+    template = prepare_template(config, tokenizer, console, warn=findings.warnings.append)
     packing = "on" if config.packing else "off"
     console.print(f"Template: {config.template}; end of turn {end_of_turn(tokenizer, template)!r}; cutoff_len "
                   f"{config.cutoff_len} (overlong: {config.overlong}); packing {packing}.", highlight=False)

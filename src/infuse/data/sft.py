@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -477,12 +478,13 @@ def build_sft_data(config, tokenizer, console: Console | None = None):
                      evaluation, eval_fingerprint)
 
 
-def prepare_template(config, tokenizer, console: Console) -> str:
+def prepare_template(config, tokenizer, console: Console, warn: Callable[[str], None] | None = None) -> str:
     """Set the config's template on ``tokenizer`` and return it. Turn markers it writes that the
     tokenizer lacks (chatml on a Llama 2 tokenizer) are added as special tokens where the run trains
     the embeddings (full weights, or a model built from model_config): as one token the end of turn
     can be an eos id that generation stops on, where as text it is several tokens no stop rule sees.
-    An adapter cannot train new rows of the base's embeddings; there the markers stay text."""
+    An adapter cannot train new rows of the base's embeddings; there the markers stay text, and
+    ``warn`` (else the console) is told."""
     template = apply_template(tokenizer, config.template)
     missing = missing_markers(tokenizer, config.template, template)
     if not missing:
@@ -496,11 +498,15 @@ def prepare_template(config, tokenizer, console: Console) -> str:
         console.print(f"Added {names} to the tokenizer as special tokens ({len(tokenizer):,} tokens now): the "
                       f"template writes them, and the model gets embedding rows for them{trained}.", highlight=False)
     else:
-        console.print(f"[yellow]{escape(names)}, written by the template, {'is' if len(missing) == 1 else 'are'} "
-                      f"not one token of this tokenizer, and a {config.finetuning_type} adapter cannot add "
-                      "tokens: the model learns to end its answers with several tokens, which generation "
-                      "does not stop on. Use a template whose end of turn the tokenizer has (llama2 ends "
-                      "answers with eos), or finetuning_type: full, which adds them as tokens.", highlight=False)
+        warning = (f"{names}, written by the template, {'is' if len(missing) == 1 else 'are'} not one token of "
+                   f"this tokenizer, and a {config.finetuning_type} adapter cannot add tokens: the model learns to "
+                   "end its answers with several tokens, which generation does not stop on. Use a template whose "
+                   "end of turn the tokenizer has (llama2 ends answers with eos), or finetuning_type: full, "
+                   "which adds them as tokens.")
+        if warn is None:
+            console.print(f"[yellow]{escape(warning)}", highlight=False)
+        else:
+            warn(warning)
     return template
 
 
