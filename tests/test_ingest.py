@@ -302,11 +302,11 @@ def test_folders_globs_and_lists_expand_to_files(tmp_path):
     assert report.duplicate_of == [(str(docs / "sub" / "facts.txt"),) * 2]
     assert report.sources == 7
     assert rows[str(docs / "guide.md")] | {"sha256": None} == {
-        "text": "# Heading\n\nGuide body.",
+        "text": "Heading\n\nGuide body.",
         "source": str(docs / "guide.md"),
         "title": "The Guide",
         "sha256": None,
-        "chars": len("# Heading\n\nGuide body."),
+        "chars": len("Heading\n\nGuide body."),
     }
     assert rows[str(listed / "readme.md")]["title"] == "Listed Title"
     assert rows[str(docs / "sub" / "facts.txt")]["title"] == "facts"
@@ -390,7 +390,7 @@ def test_nothing_ingested_is_an_error_listing_every_failure(site, closed_port_ur
 def test_load_documents_yields_documents_for_other_steps(tmp_path):
     (tmp_path / "a.md").write_text("# Voles\n\nVoles build runways through grass.")
     [document] = load_documents([str(tmp_path)], FAST, progress=False)
-    assert (document.title, document.chars) == ("Voles", len("# Voles\n\nVoles build runways through grass."))
+    assert (document.title, document.chars) == ("Voles", len("Voles\n\nVoles build runways through grass."))
     assert document.to_json()["source"] == str(tmp_path / "a.md")
 
 
@@ -400,3 +400,15 @@ def test_a_damaged_pdf_is_reported_once_in_infuses_words(tmp_path):
                            str(tmp_path / "docs.jsonl")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "cannot read this PDF" in done.stderr
     assert "EOF marker" not in done.stderr  # pypdf's own log line, besides infuse's report
+
+
+def test_markdown_becomes_the_text_a_reader_sees():
+    from infuse.ingest.extract import markdown_text
+
+    source = ("# The *Kestrel* tier\n\nThe **Kestrel K2** storage [tier](https://example.com) runs `zfs`\n"
+              "on every node.\n\n- Falcon F4 is priced at $5.\n- Osprey O1 is free.\n\n| model | price |\n"
+              "|---|---|\n| F4 | $5 |\n\n![A heron at dawn](heron.png)\n\n```\nzpool status\n```\n<div>raw</div>\n")
+    assert markdown_text(source) == (
+        "The Kestrel tier\n\nThe Kestrel K2 storage tier runs zfs on every node.\n\n"
+        "Falcon F4 is priced at $5.\nOsprey O1 is free.\n\nmodel | price\n\nF4 | $5\n\n"
+        "A heron at dawn\n\nzpool status")

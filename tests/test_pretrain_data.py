@@ -203,7 +203,7 @@ def test_folders_are_read_recursively_in_sorted_order(tmp_path):
     pq.write_table(pa.table({"body": ["parquet row"]}), folder / "sub" / "d.parquet")
     (folder / ".hidden.html").write_text("<p>not read</p>")
     texts = load_texts([folder], text_field="body")
-    assert texts == ["# Title\n\nA paragraph.\n", "line one", "line two", "row one", "row two", "parquet row"]
+    assert texts == ["Title\n\nA paragraph.", "line one", "line two", "row one", "row two", "parquet row"]
 
 
 def test_missing_text_field_names_the_file_and_line(tmp_path):

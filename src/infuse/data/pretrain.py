@@ -140,10 +140,10 @@ def _check_suffix(path: Path) -> None:
 
 def load_texts(sources: list[str | Path], text_field: str = "text", tokenizer=None) -> list[str]:
     """The documents of ``sources`` in order: one per JSON/JSONL/Parquet row (its ``text_field``),
-    one per non-empty line of a ``.txt`` file, one per ``.md`` file. Folders are read recursively
-    in sorted order. With a ``tokenizer`` that has a chat template, a conversation row (messages,
-    sharegpt, alpaca) is a document too, rendered by that template. Raises InfuseError when nothing
-    but whitespace is found."""
+    one per non-empty line of a ``.txt`` file, one per ``.md`` file (its words, without the marks).
+    Folders are read recursively in sorted order. With a ``tokenizer`` that has a chat template, a
+    conversation row (messages, sharegpt, alpaca) is a document too, rendered by that template.
+    Raises InfuseError when nothing but whitespace is found."""
     texts: list[str] = []
     for path in source_files(sources):
         texts += _texts_of(path, text_field, tokenizer)
@@ -158,8 +158,10 @@ def _texts_of(path: Path, text_field: str, tokenizer=None) -> list[str]:
     if suffix in RECORD_SUFFIXES:
         return [_row_text(row, where, text_field, tokenizer) for row, where in read_records(path)]
     text = _read_text(path)
-    if suffix in WHOLE_FILE_SUFFIXES:
-        return [text]
+    if suffix in WHOLE_FILE_SUFFIXES:  # Markdown: its words, as `infuse ingest` reads them
+        from infuse.ingest.extract import markdown_text
+
+        return [markdown_text(text)]
     # Like the datasets `text` loader: a document a line, without its line break; blank lines
     # separate documents and are not documents themselves.
     return [line for line in text.split("\n") if line.strip()]

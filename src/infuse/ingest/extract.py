@@ -145,7 +145,8 @@ def extract_pdf(payload: Payload) -> list[Extracted]:
 
 
 def extract_markdown(payload: Payload) -> list[Extracted]:
-    """Markdown as written, less front matter and HTML comments; title from front matter or first heading."""
+    """Markdown as the text a reader sees (``markdown_text``), less front matter and HTML comments;
+    title from front matter or the first heading."""
     text = _decode(payload).replace("\r\n", "\n")
     title = None
     front = re.match(r"\A---\n(.*?)\n---\n", text, re.DOTALL)
@@ -155,8 +156,49 @@ def extract_markdown(payload: Payload) -> list[Extracted]:
     text = re.sub(r"<!--.*?-->", "", text, flags=re.DOTALL)
     heading = re.search(r"^#{1,6}\s+(.+?)\s*#*\s*$", text, re.MULTILINE)
     if title is None and heading:
-        title = heading.group(1)
-    return [Extracted(text, payload.source, title)]
+        title = markdown_text(heading.group(1))
+    return [Extracted(markdown_text(text), payload.source, title)]
+
+
+def markdown_text(text: str) -> str:
+    """The words of Markdown without its marks, as the text a model should learn from: headings,
+    paragraphs and table rows a block each (a paragraph's line breaks joined), list items a line
+    each, emphasis, link and code marks dropped (their words kept), images by their alt text, raw
+    HTML left out, code blocks kept as written."""
+    from markdown_it import MarkdownIt
+
+    blocks: list[tuple[str, bool]] = []  # (text, whether it is a list item)
+    depth, row = 0, None
+    for token in MarkdownIt("commonmark").enable("table").parse(text):
+        if token.type == "list_item_open":
+            depth += 1
+        elif token.type == "list_item_close":
+            depth -= 1
+        elif token.type == "tr_open":
+            row = []
+        elif token.type == "tr_close":
+            blocks.append((" | ".join(row), False))
+            row = None
+        elif token.type in ("fence", "code_block"):
+            blocks.append((token.content.rstrip("\n"), False))
+        elif token.type == "inline":
+            words = "".join(_inline_words(token.children or [])).strip()
+            if row is not None:
+                row.append(words)
+            elif words:
+                blocks.append((words, depth > 0))
+    joined = ""
+    for index, (words, item) in enumerate(blocks):
+        if index:
+            joined += "\n" if item and blocks[index - 1][1] else "\n\n"
+        joined += words
+    return joined
+
+
+def _inline_words(children) -> list[str]:
+    words = {"text": lambda t: t.content, "code_inline": lambda t: t.content, "image": lambda t: t.content,
+             "softbreak": lambda t: " ", "hardbreak": lambda t: "\n"}
+    return [words[child.type](child) for child in children if child.type in words]
 
 
 def extract_text(payload: Payload) -> list[Extracted]:
