@@ -3,6 +3,7 @@ the same models behind an HTTP server give the same numbers; gates exit 3 or 0."
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import threading
@@ -12,6 +13,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 import torch
+from conftest import random_lora_adapter
+from rich.console import Console
 
 from infuse.cli import main
 from infuse.config import config_from_dict
@@ -137,6 +140,15 @@ def test_only_limits_a_model_to_one_mode(models):
     assert set(report["models"]["base"]["groups"]) == {"general"}
     assert report["models"]["base"]["skipped"] == {"completion": "--only base=chat"}
     assert [p["outputs"] != {} for p in report["probes"]] == [p["mode"] == "chat" for p in PROBES]
+
+
+def test_an_adapter_on_another_base_than_it_records_is_named(models, tmp_path):
+    adapter = random_lora_adapter(models["base"], tmp_path, seed=0, spread=0.1, r=2, target_modules=["q_proj"])
+    out = io.StringIO()
+    evaluate({"odd": f"{models['trained']}+{adapter}"}, models["probes"], settings=EvalSettings(generation=FAST),
+             console=Console(file=out, width=300))
+    expected = f"odd: the adapter was trained on {models['base']}, and is used here on {models['trained']}."
+    assert expected in out.getvalue()
 
 
 # ---------------------------------------------------------------- the same models behind a server

@@ -340,17 +340,15 @@ def test_one_model_is_described_by_its_name_and_greedy_answers_report_no_seed(cl
     assert generate(http, "The city", max_new_tokens=2)["details"]["seed"] is None
 
 
-def test_serve_names_what_differs_from_how_an_adapter_was_trained(adapter_dir, tiny_llama_dir, qwen_dir, tmp_path):
-    from types import SimpleNamespace
+def test_what_differs_from_how_an_adapter_was_trained_is_named(adapter_dir, tiny_llama_dir, qwen_dir, tmp_path):
+    from infuse.models import adapter_differences
 
-    from infuse.serve.server import adapter_notes
-
-    assert adapter_notes(SimpleNamespace(adapter_path=str(adapter_dir), base=str(tiny_llama_dir))) == []
+    assert adapter_differences(tiny_llama_dir, adapter_dir) == []
     qlora = shutil.copytree(adapter_dir, tmp_path / "qlora")
     (qlora / "infuse_run.json").write_text(json.dumps({"config": {"finetuning_type": "qlora"}}))
-    notes = adapter_notes(SimpleNamespace(adapter_path=str(qlora), base=str(qwen_dir)))
-    assert notes[0] == f"the adapter was trained on {tiny_llama_dir}, and is served on {qwen_dir}."
-    assert notes[1].startswith("a QLoRA adapter, trained on the 4-bit quantized base, served on the unquantized")
+    notes = adapter_differences(qwen_dir, qlora)
+    assert notes[0] == f"the adapter was trained on {tiny_llama_dir}, and is used here on {qwen_dir}."
+    assert notes[1].startswith("a QLoRA adapter, trained on the 4-bit quantized base, used here on the unquantized")
 
 
 def test_a_completion_prompt_may_be_token_ids(client, local):

@@ -11,6 +11,7 @@ PEFT adapter on top, ready for generation (serve, eval, chat, merge).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import tempfile
@@ -498,6 +499,25 @@ def load_for_inference(spec: str, dtype: torch.dtype | str | None = None, device
             model = PeftModel.from_pretrained(model, Path(adapter).expanduser())
     model.eval()
     return model, inference_tokenizer(folder, adapter)
+
+
+def adapter_differences(base: str | Path, adapter: str | Path | None) -> list[str]:
+    """What differs between ``adapter`` on ``base`` and the adapter as trained: another base than
+    the one it records, or the unquantized base under a QLoRA adapter."""
+    if not adapter:
+        return []
+    from infuse.merge import adapter_run_settings
+
+    adapter = Path(adapter).expanduser()
+    notes = []
+    recorded = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if recorded and Path(recorded).expanduser().is_dir() and Path(recorded).resolve() != Path(base).resolve():
+        notes.append(f"the adapter was trained on {recorded}, and is used here on {base}.")
+    settings, _ = adapter_run_settings(adapter)
+    if settings and settings.get("finetuning_type") == "qlora":
+        notes.append("a QLoRA adapter, trained on the 4-bit quantized base, used here on the unquantized one: "
+                     "its answers differ slightly from the model as trained (`infuse merge` makes that model).")
+    return notes
 
 
 def inference_tokenizer(base: str | Path, adapter: str | Path | None) -> PreTrainedTokenizerBase:

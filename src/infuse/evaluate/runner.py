@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from infuse import __version__
@@ -30,6 +31,7 @@ from infuse.evaluate.metrics import adherence, findings, group_metrics, score
 from infuse.evaluate.probes import MODES, Probe, load_probes
 from infuse.evaluate.report import read_runs, write_report
 from infuse.logs import quiet_progress_bars
+from infuse.models import adapter_differences, split_spec
 
 
 @dataclass
@@ -143,6 +145,9 @@ def evaluate_model(name: str, spec: str, probes: list[Probe], only: str | None, 
                    settings: EvalSettings, console: Console) -> dict:
     """One model's answers, scores, perplexities and timings."""
     seconds: dict[str, float] = {}
+    if not is_endpoint(spec):
+        for note in adapter_differences(*split_spec(spec)):
+            console.print(f"[yellow]{escape(name)}: {escape(note)}", highlight=False)
     clock = time.time()
     backend = open_backend(name, spec, settings)
     seconds["load"] = time.time() - clock

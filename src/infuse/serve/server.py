@@ -4,12 +4,10 @@ and ``serve_forever`` in the foreground for ``infuse serve``."""
 from __future__ import annotations
 
 import ipaddress
-import json
 import socket
 import threading
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -19,9 +17,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from infuse.errors import InfuseError
+from infuse.models import adapter_differences
 from infuse.serve.app import build_app
 from infuse.serve.options import ServeOptions
-from infuse.serve.registry import Registry, ServedModel, load_registry
+from infuse.serve.registry import Registry, load_registry
 
 STARTUP_TIMEOUT = 30.0
 
@@ -107,31 +106,12 @@ def describe(registry: Registry, url: str, options: ServeOptions, console: Conso
         table.add_row(m.name, m.base, m.adapter_path or "-", str(m.context_length or "?"))
     console.print(table)
     for m in registry.models.values():
-        for note in adapter_notes(m):
+        for note in adapter_differences(m.base, m.adapter_path):
             console.print(f"[yellow]{escape(m.name)}: {escape(note)}", highlight=False)
     console.print(f"TGI: {url}/generate  OpenAI: {url}/v1  docs: {url}/docs  metrics: {url}/metrics")
     if not options.api_key and not _is_loopback(options.host):
         console.print(f"[yellow]Listening on {options.host} without an API key: anyone who reaches this port "
                       "can use the models. Set --api-key or INFUSE_API_KEY.")
-
-
-def adapter_notes(served: ServedModel) -> list[str]:
-    """What differs between an adapter as served and as trained: another base than the one it
-    records, or the unquantized base under a QLoRA adapter."""
-    if not served.adapter_path:
-        return []
-    from infuse.merge import adapter_run_settings
-
-    adapter = Path(served.adapter_path).expanduser()
-    notes = []
-    recorded = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if recorded and Path(recorded).expanduser().is_dir() and Path(recorded).resolve() != Path(served.base).resolve():
-        notes.append(f"the adapter was trained on {recorded}, and is served on {served.base}.")
-    settings, _ = adapter_run_settings(adapter)
-    if settings and settings.get("finetuning_type") == "qlora":
-        notes.append("a QLoRA adapter, trained on the 4-bit quantized base, served on the unquantized one: "
-                     "its answers differ slightly from the model as trained (`infuse merge` makes that model).")
-    return notes
 
 
 def bind(host: str, port: int) -> socket.socket:
