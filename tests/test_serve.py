@@ -313,6 +313,9 @@ def test_tools_reach_the_prompt_as_sft_training_wrote_them(client, tokenizer):
     assert "You may call these functions" in trained_as  # this template has no place for tools: the system turn
     assert '{"name": "weather", "arguments": {"day": "today"}}<|im_end|>' in trained_as
     assert reply.usage.prompt_tokens == len(tokenizer(trained_as, add_special_tokens=False).input_ids)
+    chunks = list(client.chat.completions.create(model="base", messages=messages, tools=tools, max_tokens=3,
+                                                 stream=True))
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop", "tool_calls")
 
 
 @pytest.mark.parametrize("text, words, calls", [
@@ -366,6 +369,37 @@ def test_a_completion_prompt_may_be_token_ids(client, local):
     # lm-eval's log-likelihood request: refused with the reason, not answered with logprobs null
     with pytest.raises(openai.BadRequestError, match="does not return logprobs; for lm-eval tasks run"):
         client.completions.create(model="base", prompt=[ids], max_tokens=1, logprobs=1, echo=True, temperature=0)
+
+
+def streamed(pieces: list[str], tool_names: set[str]) -> list[dict]:
+    """The chunks ``_chunks`` sends for a reply that comes in ``pieces`` (a fake generation)."""
+    import asyncio
+
+    from infuse.serve.engine import Event
+    from infuse.serve.openai_api import _chunks
+
+    class Reply:
+        prompt_tokens = 3
+
+        async def __aiter__(self):
+            for i, piece in enumerate(pieces):
+                yield Event(token_id=i, text=piece, finish_reason="eos_token" if i == len(pieces) - 1 else None)
+
+    async def collect():
+        return [c async for c in _chunks(Reply(), lambda text, finish: {"delta": text, "finish": finish}, "",
+                                         None, None, tool_names)]
+
+    return [json.loads(c.removeprefix("data: ")) for c in asyncio.run(collect()) if "[DONE]" not in c]
+
+
+def test_a_streamed_reply_that_is_a_call_comes_as_one_tool_calls_delta():
+    [only] = streamed(['{"name": "f", ', '"arguments": {"x": 1}}'], {"f"})
+    assert only["finish"] == "tool_calls" and only["delta"]["content"] is None
+    [call] = only["delta"]["tool_calls"]
+    assert call["index"] == 0 and call["function"] == {"name": "f", "arguments": '{"x": 1}'}
+    assert [c["delta"] for c in streamed(["It ", "is ", "sunny."], {"f"})] == ["It ", "is ", "sunny."]
+    not_a_call = streamed(['{"temperature": ', "20}"], {"f"})  # held back, then sent as the text it is
+    assert [(c["delta"], c["finish"]) for c in not_a_call] == [('{"temperature": 20}', "stop")]
 
 
 def test_huggingface_hub_inference_client_generates_and_streams_through_the_root_route(server):

@@ -80,24 +80,34 @@ async def chat_completions(body: ChatRequest, request: Request) -> dict | Stream
                                 stop=stop_list(body.stop))
     generation = service.start(served, ids, sampling, chat=True)
     head = _head("chatcmpl", "chat.completion", served)
+    callable_names = {tool.get("function", tool).get("name") for tool in body.tools or []}
+    if body.tool_choice == "none":
+        callable_names = set()
     if body.stream:
         chunk = head | {"object": "chat.completion.chunk"}
         usage = bool(body.stream_options and body.stream_options.include_usage)
         return _stream(generation, lambda text, finish: chunk | {"choices": [
-            {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None,
-             "finish_reason": finish}]},
+            {"index": 0, "delta": text if isinstance(text, dict) else {"content": text} if text else {},
+             "logprobs": None, "finish_reason": finish}]},
             first=chunk | {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]},
-            usage_chunk=chunk if usage else None)
+            usage_chunk=chunk if usage else None, tool_names=callable_names)
     result = await service.run(request, generation)
     message, finish = {"role": "assistant", "content": result.text}, FINISH_REASONS[result.finish_reason]
-    callable_names = {tool.get("function", tool).get("name") for tool in body.tools or []}
-    words, calls = (tool_calls_in(result.text, callable_names) if callable_names and body.tool_choice != "none"
-                    else (result.text, None))
+    words, calls = tool_calls_in(result.text, callable_names) if callable_names else (result.text, None)
     if calls:
         message, finish = {"role": "assistant", "content": words or None, "tool_calls": calls}, "tool_calls"
     return head | {"choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
                    "usage": _usage([result])}
+
+
+def may_be_call(text: str) -> bool | None:
+    """Whether a reply beginning with ``text`` may be a tool call (JSON, or a ``<tool_call>`` tag);
+    None while too little of it is there to tell."""
+    start = text.lstrip()
+    if not start or ("<tool_call>".startswith(start)):
+        return None
+    return start[0] in "{[" or start.startswith("<tool_call>")
 
 
 TAGGED_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
@@ -143,19 +153,25 @@ def _usage(results: list[Result]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _stream(generation: Generation, chunk: Callable[[str, str | None], dict], prefix: str = "",
-            first: dict | None = None, usage_chunk: dict | None = None) -> StreamingResponse:
-    return StreamingResponse(_chunks(generation, chunk, prefix, first, usage_chunk),
+def _stream(generation: Generation, chunk: Callable[[str | dict, str | None], dict], prefix: str = "",
+            first: dict | None = None, usage_chunk: dict | None = None,
+            tool_names: set[str] | None = None) -> StreamingResponse:
+    return StreamingResponse(_chunks(generation, chunk, prefix, first, usage_chunk, tool_names),
                              media_type="text/event-stream")
 
 
-async def _chunks(generation: Generation, chunk: Callable[[str, str | None], dict], prefix: str,
-                  first: dict | None, usage_chunk: dict | None) -> AsyncIterator[str]:
+async def _chunks(generation: Generation, chunk: Callable[[str | dict, str | None], dict], prefix: str,
+                  first: dict | None, usage_chunk: dict | None,
+                  tool_names: set[str] | None = None) -> AsyncIterator[str]:
+    """Server-sent chunks of a generation. With ``tool_names``, a reply that begins like a call is
+    held back to its end and sent as one ``tool_calls`` delta if it is one (``chunk`` then gets
+    that delta instead of text); any other reply streams as it comes."""
     if first:
         yield sse(first)
     if prefix:
         yield sse(chunk(prefix, None))
     result = Result(prompt_tokens=generation.prompt_tokens)
+    held = "" if tool_names else None  # the reply so far, while it may be a call
     async for event in generation:
         if event.error:
             yield sse({"error": {"message": f"Generation failed: {event.error}", "type": "generation_error"}})
@@ -163,8 +179,21 @@ async def _chunks(generation: Generation, chunk: Callable[[str, str | None], dic
         if event.token_id is not None:
             result.tokens.append(event)
         finish = FINISH_REASONS.get(event.finish_reason) if event.finish_reason else None
-        if event.text or finish:
-            yield sse(chunk(event.text, finish))
+        text: str | dict = event.text
+        if held is not None:
+            held += event.text
+            begins_a_call = may_be_call(held)
+            if begins_a_call is False:
+                text, held = held, None
+            elif finish is None:
+                continue
+            else:
+                words, calls = tool_calls_in(held, tool_names)
+                indexed = [{"index": i, **call} for i, call in enumerate(calls or [])]
+                text = {"content": words or None, "tool_calls": indexed} if calls else held
+                finish = "tool_calls" if calls else finish
+        if text or finish:
+            yield sse(chunk(text, finish))
     if usage_chunk is not None:
         yield sse(usage_chunk | {"choices": [], "usage": _usage([result])})
     yield sse("[DONE]")
