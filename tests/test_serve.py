@@ -334,8 +334,9 @@ def test_an_answer_that_calls_a_tool_comes_back_as_tool_calls(text, words, calls
     assert ([(c["function"]["name"], c["function"]["arguments"]) for c in found] if found else None) == calls
 
 
-def test_one_model_is_described_by_its_name_and_greedy_answers_report_no_seed(client, http):
-    assert client.models.retrieve("infused").id == "infused"
+def test_one_model_is_described_by_its_name_and_greedy_answers_report_no_seed(client, http, adapter_dir):
+    card = client.models.retrieve("infused")
+    assert card.id == "infused" and card.adapter == str(adapter_dir.resolve())
     import openai
 
     with pytest.raises(openai.NotFoundError):

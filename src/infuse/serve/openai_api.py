@@ -9,6 +9,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -37,8 +38,9 @@ async def model(name: str, request: Request) -> dict:
 
 
 def _model_card(served: ServedModel) -> dict:
+    adapter = str(Path(served.adapter_path).expanduser().resolve()) if served.adapter_path else None
     return {"id": served.name, "object": "model", "created": served.created, "owned_by": "infuse",
-            "root": served.base, "adapter": served.adapter_path}
+            "root": served.base, "adapter": adapter}  # both absolute, whatever the directory it started in
 
 
 @router.post("/completions", response_model=None)
