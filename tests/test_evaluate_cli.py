@@ -142,6 +142,7 @@ def test_only_limits_a_model_to_one_mode(models):
     assert [p["outputs"] != {} for p in report["probes"]] == [p["mode"] == "chat" for p in PROBES]
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft's call
 def test_an_adapter_on_another_base_than_it_records_is_named(models, tmp_path):
     adapter = random_lora_adapter(models["base"], tmp_path, seed=0, spread=0.1, r=2, target_modules=["q_proj"])
     out = io.StringIO()
