@@ -189,17 +189,20 @@ def test_seed_makes_sampling_reproducible_and_a_tiny_top_p_is_greedy(http):
     assert token_ids(nucleus) == token_ids(greedy)
 
 
-def test_stop_sequence_ends_the_text_before_it(http):
+def test_a_stop_sequence_ends_the_text_with_it_in_tgi_and_before_it_in_openai(http, client):
     full = generate(http, PROMPTS[3], max_new_tokens=40)["generated_text"]
     stop = full[12:16]
     assert stop.strip(), full
     cut = generate(http, PROMPTS[3], max_new_tokens=40, stop=[stop])
-    assert cut["generated_text"] == full[:full.index(stop)]
+    assert cut["generated_text"] == full[:full.index(stop) + len(stop)]
     assert cut["details"]["finish_reason"] == "stop_sequence"
     with http.stream("POST", "/generate_stream", json={"inputs": PROMPTS[3], "parameters": {
             "max_new_tokens": 40, "stop": [stop]}}) as response:
         events = [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data:")]
-    assert "".join(e["token"]["text"] for e in events) == full[:full.index(stop)]
+    assert "".join(e["token"]["text"] for e in events) == full[:full.index(stop) + len(stop)]
+    completion = client.completions.create(model="base", prompt=PROMPTS[3], max_tokens=40, temperature=0,
+                                           stop=[stop])
+    assert completion.choices[0].text == full[:full.index(stop)]
 
 
 def test_invocations_takes_a_list_of_inputs(http):

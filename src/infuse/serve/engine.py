@@ -79,7 +79,7 @@ class Row:
     def __init__(self, job: Job):
         self.job = job
         self.sampler = Sampler(job.sampling)
-        self.stream = TextStream(job.tokenizer, job.sampling.stop)
+        self.stream = TextStream(job.tokenizer, job.sampling.stop, job.sampling.keep_stop)
         self.generated = 0
         self.done = False
 

@@ -23,6 +23,8 @@ class Sampling:
     do_sample: bool | None = None
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    keep_stop: bool = False
+    """Whether the text ends with the stop sequence that ended it (TGI's way) or before it (OpenAI's)."""
 
     @property
     def greedy(self) -> bool:
@@ -67,12 +69,14 @@ class TextStream:
 
     Byte-level tokens can split a character, so text is released only once it decodes cleanly
     (the windowed decoding TGI uses). Text that could be the start of a stop sequence is held
-    back until it is known not to be one, and a stop sequence ends the text before it.
+    back until it is known not to be one, and a stop sequence ends the text: before it, or with
+    ``keep_stop`` after it.
     """
 
-    def __init__(self, tokenizer, stop: list[str]):
+    def __init__(self, tokenizer, stop: list[str], keep_stop: bool = False):
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
+        self.keep_stop = keep_stop
         self.ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
@@ -111,9 +115,10 @@ class TextStream:
     def _cut_at_stop(self, added: int) -> None:
         longest = max((len(s) for s in self.stop), default=0)
         start = max(0, len(self.text) - added - longest)
-        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        hits = [(at, stop) for at, stop in ((self.text.find(s, start), s) for s in self.stop) if at >= 0]
         if hits:
-            self.text = self.text[:min(hits)]
+            at, stop = min(hits)
+            self.text = self.text[:at + len(stop) if self.keep_stop else at]
             self.stopped = True
 
     def release(self, final: bool = False) -> str:

@@ -27,7 +27,7 @@ def tgi_sampling(service: Service, served: ServedModel, prompt_ids: list[int], p
     return service.sampling(served, prompt_ids, params.max_new_tokens, do_sample=sample,
                             temperature=1.0 if params.temperature is None else params.temperature,
                             top_p=params.top_p or 1.0, top_k=params.top_k or 0, seed=params.seed,
-                            stop=params.stop)
+                            stop=params.stop, keep_stop=True)  # TGI's text ends with the stop sequence
 
 
 def _prepare(service: Service, body: GenerateRequest, inputs: str) -> tuple[ServedModel, list[int], object]:
