@@ -39,8 +39,7 @@ from infuse.models import (
     load_for_inference,
     peft_quietly,
 )
-from infuse.resume import SEAL_FILE
-from infuse.train import MANIFEST
+from infuse.resume import MANIFEST, SEAL_FILE, run_settings
 
 SAMPLE_PROMPTS = (
     "The history of the city begins with a small settlement on the river",
@@ -150,7 +149,7 @@ def base_of(adapter_dir: Path) -> str:
     """The base adapter_config.json names (an absolute path where infuse trained it), else the one
     its run recorded."""
     recorded = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    settings, _ = adapter_run_settings(adapter_dir)
+    settings, _ = run_settings(adapter_dir)
     candidates = [path for path in (recorded, (settings or {}).get("model_name_or_path")) if path]
     if not candidates:
         raise InfuseError(f"{adapter_dir}: no --base given and the adapter records no base model. "
@@ -161,7 +160,7 @@ def base_of(adapter_dir: Path) -> str:
 def trained_as(adapter_dir: Path, base_dir: Path) -> TrainedAs:
     """Read the quantization and compute dtype of training from the run's infuse_run.json; a base
     saved already quantized (its config.json has a quantization_config) is loaded as it is."""
-    config, source = adapter_run_settings(adapter_dir)
+    config, source = run_settings(adapter_dir)
     if config is None:
         if "quantization_config" in json.loads((base_dir / "config.json").read_text()):
             return TrainedAs(None, "auto", f"{base_dir}/config.json (a quantized checkpoint)")
@@ -176,17 +175,6 @@ def trained_as(adapter_dir: Path, base_dir: Path) -> TrainedAs:
                                       bnb_4bit_use_double_quant=config.get("double_quantization", True),
                                       bnb_4bit_compute_dtype=dtype)
     return TrainedAs(quantization, dtype, source)
-
-
-def adapter_run_settings(adapter_dir: Path) -> tuple[dict[str, Any] | None, str]:
-    """The settings of the run that trained ``adapter_dir`` and where they were read: its
-    infuse_run.json, or for a checkpoint the seal it was written with."""
-    for name, settings_of in ((MANIFEST, lambda record: record["config"]),
-                              (SEAL_FILE, lambda record: record["fingerprint"]["settings"])):
-        path = adapter_dir / name
-        if path.is_file():
-            return settings_of(json.loads(path.read_text())), str(path)
-    return None, ""
 
 
 # ---------------------------------------------------------------- merging

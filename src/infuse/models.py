@@ -354,16 +354,13 @@ def grows_with_tokenizer(config: TrainConfig) -> bool:
     return bool(config.model_config) or config.finetuning_type == "full"
 
 
-def model_source(config: TrainConfig) -> str:
-    return str(config.model_config or config.model_name_or_path)
-
-
-def check_vocabulary(model_config: PretrainedConfig, largest_id: int, source: str) -> None:
+def check_vocabulary(config: TrainConfig, model_config: PretrainedConfig, largest_id: int) -> None:
     """Every token id of the data needs a row in the model's embeddings: a tokenizer with tokens the
-    model has none for fails inside the first forward pass. (A model built from ``model_config``
-    gets the tokenizer's vocabulary, see ``fit_to_tokenizer``.)"""
+    model has none for fails inside the first forward pass. A model that takes the tokenizer's
+    vocabulary (``grows_with_tokenizer``) has one for every id."""
     vocab = getattr(model_config, "vocab_size", None)
-    if vocab is not None and largest_id >= vocab:
+    if not grows_with_tokenizer(config) and vocab is not None and largest_id >= vocab:
+        source = config.model_config or config.model_name_or_path
         raise InfuseError(f"the data holds token id {largest_id}, but the model's vocabulary has {vocab} entries "
                           f"(vocab_size of {source}): the tokenizer has tokens the model has no embedding for, "
                           "and an adapter cannot add them. Use the tokenizer the model was trained with, or "
@@ -506,14 +503,14 @@ def adapter_differences(base: str | Path, adapter: str | Path | None) -> list[st
     the one it records, or the unquantized base under a QLoRA adapter."""
     if not adapter:
         return []
-    from infuse.merge import adapter_run_settings
+    from infuse.resume import run_settings
 
     adapter = Path(adapter).expanduser()
     notes = []
     recorded = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if recorded and Path(recorded).expanduser().is_dir() and Path(recorded).resolve() != Path(base).resolve():
         notes.append(f"the adapter was trained on {recorded}, and is used here on {base}.")
-    settings, _ = adapter_run_settings(adapter)
+    settings, _ = run_settings(adapter)
     if settings and settings.get("finetuning_type") == "qlora":
         notes.append("a QLoRA adapter, trained on the 4-bit quantized base, used here on the unquantized one: "
                      "its answers differ slightly from the model as trained (`infuse merge` makes that model).")

@@ -35,9 +35,7 @@ from infuse.models import (
     check_vocabulary,
     context_limit,
     fit_to_tokenizer,
-    grows_with_tokenizer,
     load_tokenizer,
-    model_source,
 )
 
 SHOWN_SAMPLES = 3
@@ -76,9 +74,9 @@ def preflight(config: TrainConfig, console: Console) -> bool:
             prepared = preflight_pretrain(config, tokenizer, console, findings)
         else:
             prepared = preflight_sft(config, tokenizer, console, findings)
-        if model_config is not None and not grows_with_tokenizer(config):
+        if model_config is not None:
             try:
-                check_vocabulary(model_config, prepared.max_token_id, model_source(config))
+                check_vocabulary(config, model_config, prepared.max_token_id)
             except InfuseError as e:
                 findings.problems.append(str(e))
         console.print(describe_steps(config, prepared.rows), highlight=False)

@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 from infuse.errors import InfuseError
 
 SEAL_FILE = "infuse_seal.json"
+MANIFEST = "infuse_run.json"  # what a finished run writes to its output_dir
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 # Settings that do not change what is trained: changing them between a crash and a restart
@@ -120,6 +121,17 @@ def plan_resume(output_dir: Path, fingerprint: dict[str, Any], requested: str | 
     lengthened = check_same_run(checkpoint, fingerprint)
     return ResumePlan(str(checkpoint), ignored, finished=training_stopped(checkpoint) and not lengthened,
                       lengthened=lengthened)
+
+
+def run_settings(folder: Path) -> tuple[dict[str, Any] | None, str]:
+    """The settings a run's output folder or checkpoint was trained with, and the file they were
+    read from: the run's manifest, or a checkpoint's seal; (None, "") where there is neither."""
+    for name, settings_of in ((MANIFEST, lambda record: record["config"]),
+                              (SEAL_FILE, lambda record: record["fingerprint"]["settings"])):
+        path = folder / name
+        if path.is_file():
+            return settings_of(json.loads(path.read_text())), str(path)
+    return None, ""
 
 
 def training_stopped(checkpoint: Path) -> bool:

@@ -22,19 +22,19 @@ from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, Traine
 from infuse import __version__
 from infuse.averaging import WeightAveraging
 from infuse.config import TrainConfig
+from infuse.data.pretrain import largest_token_id
 from infuse.errors import InfuseError
 from infuse.logs import quiet_progress_bars
 from infuse.models import (
     check_model_source,
     check_vocabulary,
     describe_model,
-    grows_with_tokenizer,
     load_model,
     load_tokenizer,
-    model_source,
 )
 from infuse.progress import RichProgress
 from infuse.resume import (
+    MANIFEST,
     ResumePlan,
     SealCheckpoints,
     describe_changes,
@@ -43,7 +43,6 @@ from infuse.resume import (
     trajectory_fingerprint,
 )
 
-MANIFEST = "infuse_run.json"
 LIBRARIES = ("infuse-llm", "torch", "transformers", "peft", "trl", "accelerate", "datasets",
              "tokenizers", "bitsandbytes", "safetensors")
 
@@ -73,10 +72,7 @@ def run(config: TrainConfig, console: Console | None = None,
         _, model_config = check_model_source(config)
         tokenizer = load_tokenizer(config)
         data = build_data(config, tokenizer, console)
-        if not grows_with_tokenizer(config):
-            from infuse.data.pretrain import largest_token_id
-
-            check_vocabulary(model_config, largest_token_id(data.dataset, data.eval_dataset), model_source(config))
+        check_vocabulary(config, model_config, largest_token_id(data.dataset, data.eval_dataset))
         fingerprint, plan, done = output_plan(config, data.fingerprint, data.eval_fingerprint, args.world_size,
                                               clear=config.overwrite_output_dir)
         config = materialize_base(config, tokenizer, output_dir, console)

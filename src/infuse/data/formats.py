@@ -149,8 +149,7 @@ def chat_request(messages: list[dict], tools: Any = None) -> Conversation:
     """A chat request's messages (OpenAI's shape) and tools as the training data reads them, so the
     prompt is written as training wrote it; the request has no answer yet, so none is required."""
     try:
-        turns = [_message(turn, index, "role", "content") for index, turn in enumerate(messages)]
-        return Conversation(turns, tools=_tools({"tools": tools}))
+        return from_messages({"messages": messages, "tools": tools})  # without parse_row's checks
     except BadRow as e:
         raise InfuseError(f"messages: {e}") from None
 
